@@ -1,0 +1,51 @@
+"""A layer of experts held as one stacked parameter tensor.
+
+Expert e computes Dense(hidden_units) -> ReLU -> Dense(token_dim) on each of
+its slots. All experts run in one einsum over the stacked weights (no Python
+loop). Each expert's kernel is drawn independently with Xavier-uniform scaled
+by that expert's own fan-in/fan-out, so experts start distinct.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# Xavier-uniform per expert: axis 0 indexes experts and is not part of the fan.
+_EXPERT_INIT = nn.initializers.variance_scaling(
+    1.0, 'fan_avg', 'uniform', in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+class Experts(nn.Module):
+  num_experts: int
+  hidden_units: int
+
+  @nn.compact
+  def __call__(self, x, expert_mask=None):
+    """x: [batch, experts, slots, dim] -> (outputs like x, hidden activations).
+
+    `expert_mask` [batch, experts] (optional) multiplies each expert's output,
+    for pruning experts at inference.
+    """
+    e, h, d = self.num_experts, self.hidden_units, x.shape[-1]
+    w1 = self.param('w1', _EXPERT_INIT, (e, d, h))
+    b1 = self.param('b1', nn.initializers.zeros, (e, h))
+    w2 = self.param('w2', _EXPERT_INIT, (e, h, d))
+    b2 = self.param('b2', nn.initializers.zeros, (e, d))
+    hidden = nn.relu(jnp.einsum('besd,edh->besh', x, w1) + b1[:, None, :])  # [B, E, S, h]
+    out = jnp.einsum('besh,ehd->besd', hidden, w2) + b2[:, None, :]  # [B, E, S, d]
+    if expert_mask is not None:
+      out = out * expert_mask[:, :, None, None]
+    return out, hidden
+
+
+def check_expert_args(layer: str, num_experts: int, expert_hidden_units: int,
+                      capacity_factor: float) -> None:
+  """Rejects out-of-range MoE hyperparameters with one clear message."""
+  if num_experts < 1:
+    raise ValueError(f'{layer}.num_experts={num_experts} is out of range: '
+                     'use an integer >= 1.')
+  if expert_hidden_units < 1:
+    raise ValueError(f'{layer}.expert_hidden_units={expert_hidden_units} is '
+                     'out of range: use an integer >= 1.')
+  if capacity_factor <= 0:
+    raise ValueError(f'{layer}.capacity_factor={capacity_factor} is out of '
+                     'range: use a number > 0.')
