@@ -35,7 +35,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=7", "matplotlib>=3.7", "rliable>=1.2", "pandas<3",
-                 "arch<8", "ray>=2.9"],
+                 "arch<8", "ray>=2.9", "opencv-python-headless"],
         "plot": ["matplotlib>=3.7", "rliable>=1.2", "pandas<3", "arch<8"],
         "ray": ["ray>=2.9"],
     },

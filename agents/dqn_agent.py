@@ -1,0 +1,381 @@
+"""DQN (Mnih et al., 2015) in Dopamine's JAX style, with a functional core.
+
+The core is three pure functions, jitted once per agent:
+  select_action(params, observations[B, ...], rng, epsilon) -> actions[B]
+  train_step(train_state, batch) -> (train_state, metrics)
+  train_steps(train_state, batches) -> (train_state, metrics)  # K fused steps
+where `TrainState` holds every piece of learner state (online and target
+params, optimiser state, gradient-step counter, rng). The `DQNAgent` object is
+a thin stateful wrapper: replay, epsilon schedule, when to train, and
+Dopamine's `begin_episode` / `step` / `end_episode` for a single environment.
+Its batched `select_actions` / `record` serve any number of environments with
+the replay ratio of the single-env protocol (one update per `update_period`
+agent steps, counted over all envs).
+
+Gin parameters keep Dopamine's names and defaults (`JaxDQNAgent.gamma` here is
+`DQNAgent.gamma`; replay capacity and batch size live on the agent, which
+builds the buffer). The MoE auxiliary loss of the network is added to the TD
+loss. The target network is synced every
+`target_update_period // update_period` gradient steps, which is Dopamine's
+sync every `target_update_period` agent steps.
+"""
+
+import functools
+from typing import Any, Callable, Dict, Optional
+
+import flax
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from agents import losses
+from agents.frame_stack import FrameStacker
+from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
+from networks.q_network import NetworkOutput, QNetwork
+
+
+class TrainState(flax.struct.PyTreeNode):
+  online_params: Any
+  target_params: Any
+  opt_state: Any
+  step: jax.Array  # gradient steps taken
+  rng: jax.Array
+
+
+@gin.configurable
+def create_optimizer(name: str = 'adam', learning_rate: float = 6.25e-5,
+                     beta1: float = 0.9, beta2: float = 0.999,
+                     eps: float = 1.5e-4, centered: bool = False):
+  """Dopamine's optimiser factory (same gin names)."""
+  if name == 'adam':
+    return optax.adam(learning_rate, b1=beta1, b2=beta2, eps=eps)
+  if name == 'rmsprop':
+    return optax.rmsprop(learning_rate, decay=beta2, eps=eps, centered=centered)
+  if name == 'sgd':
+    return optax.sgd(learning_rate)
+  raise ValueError(f"create_optimizer.name='{name}' is unknown: use one of "
+                   'adam, rmsprop, sgd.')
+
+
+def linearly_decaying_epsilon(decay_period, step, warmup_steps, epsilon):
+  """Dopamine's schedule: 1.0 during warm-up, then linear down to `epsilon`."""
+  steps_left = decay_period + warmup_steps - step
+  bonus = (1.0 - epsilon) * steps_left / decay_period
+  return epsilon + float(np.clip(bonus, 0.0, 1.0 - epsilon))
+
+
+def make_select_action(network: QNetwork, num_actions: int):
+  """Epsilon-greedy over a batch; `deterministic` turns network noise off."""
+
+  @functools.partial(jax.jit, static_argnames=('deterministic',))
+  def select_action(params, observations, rng, epsilon, deterministic=False):
+    rng_noise, rng_explore, rng_random = jax.random.split(rng, 3)
+    q_values = network.apply({'params': params}, observations,
+                             deterministic=deterministic,
+                             rngs={'noise': rng_noise}).q_values  # [B, A]
+    batch = q_values.shape[0]
+    explore = jax.random.uniform(rng_explore, (batch,)) < epsilon
+    random_actions = jax.random.randint(rng_random, (batch,), 0, num_actions)
+    return jnp.where(explore, random_actions, jnp.argmax(q_values, axis=-1))
+
+  return select_action
+
+
+def dqn_td_loss(loss_fn: Callable, out_tm1: NetworkOutput,
+                target_t: NetworkOutput, online_t: Optional[NetworkOutput],
+                batch: Dict[str, jax.Array]) -> jax.Array:
+  """Per-transition TD loss with a max (or double-DQN) bootstrap: [B]."""
+  a_tm1 = batch['a_tm1']
+  q_tm1 = jnp.take_along_axis(out_tm1.q_values, a_tm1[:, None], -1)[:, 0]  # [B]
+  if online_t is None:
+    q_t = jnp.max(target_t.q_values, axis=-1)  # [B]
+  else:
+    a_t = jnp.argmax(online_t.q_values, axis=-1)
+    q_t = jnp.take_along_axis(target_t.q_values, a_t[:, None], -1)[:, 0]
+  target = jax.lax.stop_gradient(batch['r_t'] + batch['discount_t'] * q_t)
+  return loss_fn(target - q_tm1)
+
+
+def make_train_step(network: QNetwork, optimizer, td_loss: Callable, *,
+                    target_update_every: int, double_dqn: bool,
+                    prioritized: bool,
+                    diagnostics_fn: Optional[Callable] = None):
+  """Builds the pure `train_step(state, batch) -> (state, metrics)`.
+
+  `td_loss(out_tm1, target_t, online_t, batch) -> [B]` is the per-transition
+  loss; with `prioritized`, transitions are weighted by importance weights
+  1/sqrt(p) normalised by their max and the new priorities are
+  sqrt(loss + 1e-10). `diagnostics_fn(out_tm1) -> dict` adds metrics computed
+  from the same forward pass.
+  """
+
+  def loss_and_metrics(online_params, state: TrainState, batch, rng):
+    rng_tm1, rng_target, rng_online = jax.random.split(rng, 3)
+    apply = lambda params, obs, key: network.apply(
+        {'params': params}, obs, deterministic=False, rngs={'noise': key})
+    out_tm1 = apply(online_params, batch['obs_tm1'], rng_tm1)
+    target_t = apply(state.target_params, batch['obs_t'], rng_target)
+    online_t = None
+    if double_dqn:
+      online_t = jax.lax.stop_gradient(
+          apply(online_params, batch['obs_t'], rng_online))
+    per_sample = td_loss(out_tm1, target_t, online_t, batch)  # [B]
+    metrics = {}
+    if prioritized:
+      weights = 1.0 / jnp.sqrt(batch['sampling_probabilities'] + 1e-10)
+      weights = weights / jnp.max(weights)
+      td = jnp.mean(weights * per_sample)
+      metrics['priorities'] = jnp.sqrt(per_sample + 1e-10)
+    else:
+      td = jnp.mean(per_sample)
+    total = td + out_tm1.aux_loss
+    metrics.update(loss=total, td_loss=td, aux_loss=out_tm1.aux_loss,
+                   q_mean=jnp.mean(out_tm1.q_values))
+    if diagnostics_fn is not None:
+      metrics.update(diagnostics_fn(out_tm1))
+    return total, metrics
+
+  def train_step(state: TrainState, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(
+        state.online_params, state, batch, step_rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state,
+                                          state.online_params)
+    online = optax.apply_updates(state.online_params, updates)
+    step = state.step + 1
+    target = optax.periodic_update(online, state.target_params, step,
+                                   target_update_every)
+    return state.replace(online_params=online, target_params=target,
+                         opt_state=opt_state, step=step, rng=rng), metrics
+
+  return train_step
+
+
+def fuse_train_steps(train_step):
+  """K gradient steps in one call: batches carry a leading [K] axis."""
+
+  def train_steps(state, batches):
+    return jax.lax.scan(train_step, state, batches)
+
+  return train_steps
+
+
+@gin.configurable
+class DQNAgent:
+  """Dopamine's JaxDQNAgent interface over the functional core."""
+
+  def __init__(self,
+               num_actions: int,
+               observation_shape: tuple,
+               observation_dtype=np.uint8,
+               stack_size: int = 4,
+               *,
+               num_envs: int = 1,
+               seed: int = 0,
+               network=QNetwork,
+               gamma: float = 0.99,
+               update_horizon: int = 1,
+               min_replay_history: int = 20000,
+               update_period: int = 4,
+               target_update_period: int = 8000,
+               epsilon_train: float = 0.01,
+               epsilon_eval: float = 0.001,
+               epsilon_decay_period: int = 250000,
+               loss_type: str = 'mse',
+               replay_capacity: int = 1000000,
+               batch_size: int = 32,
+               replay_scheme: str = 'uniform',
+               double_dqn: bool = False,
+               diagnostics_fn: Optional[Callable] = None):
+    if loss_type not in losses.LOSSES:
+      raise ValueError(f"DQNAgent.loss_type='{loss_type}' is unknown: use one "
+                       f"of {', '.join(losses.LOSSES)}.")
+    if replay_scheme not in ('uniform', 'prioritized'):
+      raise ValueError(f"replay_scheme='{replay_scheme}' is unknown: use "
+                       'uniform or prioritized.')
+    for name, value in (('update_period', update_period),
+                        ('target_update_period', target_update_period),
+                        ('epsilon_decay_period', epsilon_decay_period),
+                        ('update_horizon', update_horizon)):
+      if value < 1:
+        raise ValueError(f'{type(self).__name__}.{name}={value} must be >= 1.')
+    self.num_actions = num_actions
+    self.observation_shape = tuple(observation_shape)
+    self.stack_size = stack_size
+    self.num_envs = num_envs
+    self.gamma = gamma
+    self.update_horizon = update_horizon
+    self.min_replay_history = min_replay_history
+    self.update_period = update_period
+    self.target_update_period = target_update_period
+    self.epsilon_train = epsilon_train
+    self.epsilon_eval = epsilon_eval
+    self.epsilon_decay_period = epsilon_decay_period
+    self.batch_size = batch_size
+    self.network = network(num_actions=num_actions, **self._network_kwargs())
+    self.eval_mode = False
+
+    replay_cls = (PrioritizedReplayBuffer if replay_scheme == 'prioritized'
+                  else ReplayBuffer)
+    self.replay = replay_cls(
+        observation_shape=self.observation_shape, stack_size=stack_size,
+        replay_capacity=replay_capacity, batch_size=batch_size,
+        update_horizon=update_horizon, gamma=gamma, num_envs=num_envs,
+        observation_dtype=observation_dtype, seed=seed)
+    self._prioritized = replay_scheme == 'prioritized'
+
+    rng = jax.random.PRNGKey(seed)
+    rng, init_rng, state_rng = jax.random.split(rng, 3)
+    self._rng = rng
+    self._stacker = FrameStacker(1, self.observation_shape, stack_size,
+                                 observation_dtype)
+    dummy = jnp.zeros((1, *self._stacker.observations.shape[1:]),
+                      observation_dtype)
+    params = self.network.init({'params': init_rng, 'noise': init_rng},
+                               dummy)['params']
+    self.optimizer = create_optimizer()
+    self.state = TrainState(
+        online_params=params,
+        target_params=jax.tree_util.tree_map(jnp.copy, params),  # own buffers
+        opt_state=self.optimizer.init(params),
+        step=jnp.zeros((), jnp.int32), rng=state_rng)
+
+    self._select_action = make_select_action(self.network, num_actions)
+    train_step = make_train_step(
+        self.network, self.optimizer,
+        functools.partial(self._td_loss, losses.LOSSES[loss_type]),
+        target_update_every=max(1, target_update_period // update_period),
+        double_dqn=double_dqn, prioritized=self._prioritized,
+        diagnostics_fn=diagnostics_fn)
+    self.train_step = jax.jit(train_step, donate_argnums=0)
+    self.train_steps = jax.jit(fuse_train_steps(train_step), donate_argnums=0)
+    self.training_steps = 0  # agent steps seen while training (all envs)
+    self._update_credit = 0.0
+    self._metric_sums = None
+    self._metric_count = 0
+
+  # -- Hooks for variants (Rainbow overrides these two). --------------------
+  def _network_kwargs(self) -> Dict[str, Any]:
+    return {}
+
+  def _td_loss(self, loss_fn, out_tm1, target_t, online_t, batch):
+    return dqn_td_loss(loss_fn, out_tm1, target_t, online_t, batch)
+
+  # -- Batched interface used by the runner. --------------------------------
+  def epsilon(self) -> float:
+    if self.eval_mode:
+      return self.epsilon_eval
+    return linearly_decaying_epsilon(self.epsilon_decay_period,
+                                     self.training_steps,
+                                     self.min_replay_history,
+                                     self.epsilon_train)
+
+  def select_actions(self, observations: np.ndarray) -> np.ndarray:
+    """observations [N, ...] stacked states -> actions [N] (epsilon-greedy)."""
+    self._rng, key = jax.random.split(self._rng)
+    actions = self._select_action(self.state.online_params, observations, key,
+                                  self.epsilon(),
+                                  deterministic=self.eval_mode)
+    return np.asarray(actions)
+
+  def record(self, observations, actions, rewards, terminals, episode_ends,
+             active=None) -> None:
+    """Stores one step of every env and trains when due.
+
+    `observations` are the stacked states the actions were taken in
+    ([N, ..., stack]); only their newest frame is stored. `rewards` are what
+    the agent learns from (the runner clips them). Envs with `active` False
+    (idle at the end of a phase) store an empty one-step episode that is never
+    sampled, and do not count as agent steps.
+    """
+    observations = np.asarray(observations)
+    stacked = observations.ndim > 1 + len(self.observation_shape)
+    frames = observations[..., -1] if stacked else observations  # [N, *shape]
+    ends = np.asarray(episode_ends, bool)
+    if active is not None and not np.all(active):
+      idle = ~np.asarray(active, bool)
+      frames = np.where(idle.reshape((-1,) + (1,) * (frames.ndim - 1)), 0,
+                        frames)
+      actions = np.where(idle, 0, actions)
+      rewards = np.where(idle, 0.0, rewards)
+      terminals = np.where(idle, False, terminals)
+      ends = ends | idle
+      num_steps = int(np.sum(~idle))
+    else:
+      num_steps = len(ends)
+    self.replay.add(frames, actions, rewards, terminals, ends)
+    self.training_steps += num_steps
+    if self.replay.add_count * self.num_envs > self.min_replay_history:
+      self._update_credit += num_steps / self.update_period
+      while self._update_credit >= 1.0:
+        self._update_credit -= 1.0
+        self.train_once()
+
+  def train_once(self) -> None:
+    batch = self.replay.sample()
+    indices = batch.pop('indices')
+    self.state, metrics = self.train_step(self.state, batch)
+    if self._prioritized:
+      self.replay.update_priorities(indices, np.asarray(metrics['priorities']))
+    self._accumulate(metrics)
+
+  def _accumulate(self, metrics) -> None:
+    scalars = {k: v for k, v in metrics.items() if k != 'priorities'}
+    if self._metric_sums is None:
+      self._metric_sums = scalars
+    else:
+      self._metric_sums = _tree_add(self._metric_sums, scalars)
+    self._metric_count += 1
+
+  def pop_metrics(self) -> Dict[str, float]:
+    """Means of the train-step metrics since the last call ({} if none).
+
+    Scalars become floats; vector metrics (per-expert values) become lists.
+    """
+    if self._metric_sums is None:
+      return {}
+    sums = jax.device_get(self._metric_sums)
+    means = {k: np.asarray(v) / self._metric_count for k, v in sums.items()}
+    means = {k: float(v) if v.ndim == 0 else v.tolist() for k, v in means.items()}
+    self._metric_sums, self._metric_count = None, 0
+    return means
+
+  # -- Dopamine's single-environment interface. -----------------------------
+  def begin_episode(self, observation: np.ndarray) -> int:
+    self._stacker.reset(observation[None])
+    self._action = int(self.select_actions(self._stacker.observations)[0])
+    return self._action
+
+  def step(self, reward: float, observation: np.ndarray) -> int:
+    if not self.eval_mode:
+      self.record(self._stacker.observations, [self._action], [reward],
+                  [False], [False])
+    self._stacker.push(observation[None], np.zeros(1, bool))
+    self._action = int(self.select_actions(self._stacker.observations)[0])
+    return self._action
+
+  def end_episode(self, reward: float, terminal: bool = True) -> None:
+    if not self.eval_mode:
+      self.record(self._stacker.observations, [self._action], [reward],
+                  [terminal], [True])
+
+  # -- Checkpointing. --------------------------------------------------------
+  def checkpoint_state(self) -> Dict[str, Any]:
+    return {'train_state': self.state, 'rng': self._rng}
+
+  def checkpoint_values(self) -> Dict[str, Any]:
+    return {'training_steps': self.training_steps,
+            'update_credit': self._update_credit}
+
+  def restore(self, state: Dict[str, Any], values: Dict[str, Any]) -> None:
+    self.state = state['train_state']
+    self._rng = state['rng']
+    self.training_steps = int(values['training_steps'])
+    self._update_credit = float(values['update_credit'])
+
+
+@jax.jit
+def _tree_add(a, b):
+  return jax.tree_util.tree_map(jnp.add, a, b)

@@ -1,0 +1,67 @@
+"""Full Rainbow (Hessel et al., 2018) as in Dopamine's JaxFullRainbowAgent.
+
+Extends `DQNAgent` rather than copying it: the network gets a C51 head
+(`num_atoms` on [v_min, v_max]), dueling and noisy layers; the TD loss becomes
+the cross-entropy to the projected n-step target distribution; the replay is
+prioritized (priority sqrt(loss + 1e-10), importance weights 1/sqrt(p)
+normalised by their max); the bootstrap action is chosen by the online
+network (double DQN). Each component is a switch. With `noisy`, exploration
+comes from the noise and epsilon stays at `epsilon_train` (Dopamine's
+identity epsilon); noise is off in evaluation.
+"""
+
+from typing import Any, Dict
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from agents import losses
+from agents.dqn_agent import DQNAgent, linearly_decaying_epsilon
+
+
+@gin.configurable
+class RainbowAgent(DQNAgent):
+
+  def __init__(self, num_actions, observation_shape, *args,
+               num_atoms: int = 51, v_min: float = -10.0, v_max: float = 10.0,
+               distributional: bool = True, dueling: bool = True,
+               noisy: bool = True, double_dqn: bool = True,
+               replay_scheme: str = 'prioritized', update_horizon: int = 3,
+               **kwargs):
+    self.num_atoms = num_atoms if distributional else 1
+    self.v_min, self.v_max = v_min, v_max
+    self.distributional, self.dueling, self.noisy = distributional, dueling, noisy
+    super().__init__(num_actions, observation_shape, *args,
+                     double_dqn=double_dqn, replay_scheme=replay_scheme,
+                     update_horizon=update_horizon, **kwargs)
+
+  def _network_kwargs(self) -> Dict[str, Any]:
+    return dict(num_atoms=self.num_atoms, v_min=self.v_min, v_max=self.v_max,
+                dueling=self.dueling, noisy=self.noisy)
+
+  def epsilon(self) -> float:
+    if self.noisy and not self.eval_mode:
+      return self.epsilon_train
+    return super().epsilon()
+
+  def _td_loss(self, loss_fn, out_tm1, target_t, online_t, batch):
+    if not self.distributional:
+      return super()._td_loss(loss_fn, out_tm1, target_t, online_t, batch)
+    return c51_loss(self.network.support, out_tm1, target_t, online_t, batch)
+
+
+def c51_loss(support, out_tm1, target_t, online_t, batch):
+  """Cross-entropy between the projected target and the online distribution."""
+  a_tm1 = batch['a_tm1']
+  logits_tm1 = jnp.take_along_axis(
+      out_tm1.logits, a_tm1[:, None, None], axis=1)[:, 0]  # [B, N]
+  chooser = target_t if online_t is None else online_t
+  a_t = jnp.argmax(chooser.q_values, axis=-1)  # [B]
+  probs_t = jnp.take_along_axis(
+      target_t.probabilities, a_t[:, None, None], axis=1)[:, 0]  # [B, N]
+  target_support = (batch['r_t'][:, None] +
+                    batch['discount_t'][:, None] * support[None, :])  # [B, N]
+  target = jax.lax.stop_gradient(
+      losses.categorical_projection(target_support, probs_t, support))
+  return losses.softmax_cross_entropy(target, logits_tm1)  # [B]

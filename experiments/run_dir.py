@@ -1,0 +1,215 @@
+"""The run directory (``--base_dir``): layout, atomic writes, config guard, status.
+
+Layout (DESIGN.md, "Run directory")::
+
+    config.gin            the operative gin config, written by ``RunDir.prepare``
+    metrics.jsonl         one JSON object per iteration (``experiments.logger``)
+    events.out.tfevents.* TensorBoard scalars (``experiments.logger``)
+    checkpoints/          last checkpoints (``experiments.checkpoints``)
+    status.json           {"state", "error", "iteration", "updated"}
+
+Guarantees:
+
+* Every whole-file write goes through ``atomic_write_bytes`` (temp file in the same
+  directory, flush, fsync, ``os.replace``, fsync of the directory), so a reader or a
+  killed process sees either the old file or the new one, never a half-written one.
+* ``RunDir.prepare`` refuses, before writing anything, a ``base_dir`` that cannot be
+  created or written, one that holds files that are not a moerl run ("foreign"), and
+  one that holds a run of a different config. Refusals raise ``RunDirError`` whose
+  message is one sentence naming the problem and the fix; the CLI prints it on one
+  line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import tempfile
+from typing import Any
+
+CONFIG_FILE = "config.gin"
+METRICS_FILE = "metrics.jsonl"
+STATUS_FILE = "status.json"
+CHECKPOINT_DIR = "checkpoints"
+
+# Entries whose presence marks a directory as a moerl run.
+_RUN_MARKERS = (CONFIG_FILE, STATUS_FILE, METRICS_FILE)
+STATES = ("running", "done", "failed")
+
+
+class RunDirError(ValueError):
+  """Bad run-directory input; the message names the problem and the fix."""
+
+
+def fsync_dir(path: str) -> None:
+  """Flushes a directory entry (a rename or a new file) to disk, where supported."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass  # Some filesystems do not support fsync on directories.
+  finally:
+    os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Replaces ``path`` with ``data`` atomically (temp file, fsync, os.replace).
+
+  Raises OSError if the directory is not writable; no temp file is left behind.
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp_path = tempfile.mkstemp(
+      dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+  except BaseException:
+    try:
+      os.unlink(tmp_path)
+    except OSError:
+      pass
+    raise
+  fsync_dir(directory)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Replaces ``path`` with UTF-8 ``text`` atomically."""
+  atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+  """Replaces ``path`` with ``obj`` as indented JSON atomically."""
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def normalise_config(text: str) -> str:
+  """Canonical form of a gin config for comparison.
+
+  Drops full-line comments and blank lines, joins the remaining lines (so line
+  wrapping does not matter), collapses whitespace runs and removes whitespace next to
+  punctuation (``a = 1`` equals ``a=1``; ``'x y'`` still differs from ``'xy'``).
+  """
+  lines = [line.strip() for line in text.splitlines()]
+  body = " ".join(l for l in lines if l and not l.startswith("#"))
+  body = re.sub(r"\s+", " ", body)
+  return re.sub(r"\s*([^\w\s])\s*", r"\1", body).strip()
+
+
+def _now_iso() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunDir:
+  """Paths and lifecycle of one run directory."""
+
+  def __init__(self, base_dir: str):
+    self.base_dir = os.path.abspath(os.path.expanduser(os.fspath(base_dir)))
+
+  @property
+  def config_path(self) -> str:
+    return os.path.join(self.base_dir, CONFIG_FILE)
+
+  @property
+  def metrics_path(self) -> str:
+    return os.path.join(self.base_dir, METRICS_FILE)
+
+  @property
+  def status_path(self) -> str:
+    return os.path.join(self.base_dir, STATUS_FILE)
+
+  @property
+  def checkpoint_dir(self) -> str:
+    return os.path.join(self.base_dir, CHECKPOINT_DIR)
+
+  def prepare(self, operative_config: str, resume_allowed: bool = True) -> bool:
+    """Creates or validates ``base_dir`` and writes ``config.gin``.
+
+    Returns True when this is a resume: ``config.gin`` already held the same config
+    (compared with ``normalise_config``). Raises RunDirError, without writing
+    anything, when ``base_dir`` is not a creatable, writable directory, holds files
+    that are not a moerl run, holds a run of a different config, or holds a run of
+    the same config while ``resume_allowed`` is False.
+    """
+    base = self.base_dir
+    if os.path.exists(base) and not os.path.isdir(base):
+      raise RunDirError(
+          f"--base_dir {base} is a file, not a directory; "
+          "pass a directory path for --base_dir.")
+    resume = False
+    if os.path.isdir(base):
+      try:
+        entries = os.listdir(base)
+      except OSError as e:
+        raise RunDirError(
+            f"--base_dir {base} cannot be read ({e.strerror}); "
+            "fix its permissions or use a different --base_dir.") from None
+      if entries and not any(m in entries for m in _RUN_MARKERS):
+        raise RunDirError(
+            f"--base_dir {base} is a foreign directory (not empty and not a moerl "
+            "run); use a new or empty --base_dir.")
+      if CONFIG_FILE in entries:
+        try:
+          with open(self.config_path, encoding="utf-8") as f:
+            existing = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+          raise RunDirError(
+              f"{self.config_path} cannot be read ({e}); "
+              "fix or delete it, or use a new --base_dir.") from None
+        if normalise_config(existing) != normalise_config(operative_config):
+          raise RunDirError(
+              f"--base_dir {base} holds a run of a different config (see "
+              f"{self.config_path}); use a new --base_dir, or the same gin files "
+              "and bindings to resume that run.")
+        if not resume_allowed:
+          raise RunDirError(
+              f"--base_dir {base} already holds a run and resuming is disabled; "
+              "use a new --base_dir or allow resuming.")
+        resume = True
+    else:
+      try:
+        os.makedirs(base, exist_ok=True)
+      except OSError as e:
+        raise RunDirError(
+            f"--base_dir {base} cannot be created ({e.strerror}); "
+            "choose a --base_dir in a writable location.") from None
+    try:
+      atomic_write_text(self.config_path, operative_config)
+    except OSError as e:
+      raise RunDirError(
+          f"--base_dir {base} is not writable ({e.strerror}); "
+          "fix its permissions or choose a writable --base_dir.") from None
+    return resume
+
+  def write_status(self, state: str, iteration: int,
+                   error: str | None = None) -> None:
+    """Atomically writes status.json: {"state", "error", "iteration", "updated"}."""
+    if state not in STATES:
+      raise RunDirError(
+          f"run state {state!r} is unknown; use one of {', '.join(STATES)}.")
+    atomic_write_json(self.status_path, {
+        "state": state,
+        "error": error,
+        "iteration": int(iteration),
+        "updated": _now_iso(),
+    })
+
+  def read_status(self) -> dict | None:
+    """Returns the parsed status.json, or None if there is none yet."""
+    try:
+      with open(self.status_path, encoding="utf-8") as f:
+        return json.load(f)
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError) as e:
+      raise RunDirError(
+          f"{self.status_path} cannot be read ({e}); "
+          "delete it (it is rewritten on the next start).") from None

@@ -1,0 +1,176 @@
+"""Tests for experiments.run_dir: config guard, foreign / unwritable dirs, status."""
+
+import json
+import os
+
+import pytest
+
+from experiments import run_dir as run_dir_lib
+from experiments.run_dir import RunDir, RunDirError
+
+CONFIG = """# Parameters for DQNAgent:
+# ==============================================================================
+DQNAgent.gamma = 0.99
+DQNAgent.update_period = 4
+
+# Parameters for Runner:
+Runner.num_iterations = 200
+"""
+
+
+def _snapshot(directory):
+  """Relative path -> bytes of every file below ``directory``."""
+  files = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        files[os.path.relpath(full, directory)] = f.read()
+  return files
+
+
+def test_paths(tmp_path):
+  rd = RunDir(str(tmp_path / "run"))
+  assert rd.config_path == str(tmp_path / "run" / "config.gin")
+  assert rd.metrics_path == str(tmp_path / "run" / "metrics.jsonl")
+  assert rd.status_path == str(tmp_path / "run" / "status.json")
+  assert rd.checkpoint_dir == str(tmp_path / "run" / "checkpoints")
+
+
+def test_fresh_run_writes_config_and_is_not_resume(tmp_path):
+  rd = RunDir(str(tmp_path / "a" / "b"))
+  assert rd.prepare(CONFIG) is False
+  with open(rd.config_path) as f:
+    assert f.read() == CONFIG
+  assert os.listdir(rd.base_dir) == ["config.gin"]  # No temp files left.
+
+
+def test_existing_empty_dir_is_accepted(tmp_path):
+  assert RunDir(str(tmp_path)).prepare(CONFIG) is False
+
+
+def test_same_config_resumes_ignoring_comments_and_whitespace(tmp_path):
+  rd = RunDir(str(tmp_path))
+  rd.prepare(CONFIG)
+  reformatted = ("DQNAgent.gamma=0.99\n\n   DQNAgent.update_period  =  4\n"
+                 "# a new comment\nRunner.num_iterations = 200\n")
+  assert rd.prepare(reformatted) is True
+
+
+def test_resume_refused_when_not_allowed(tmp_path):
+  rd = RunDir(str(tmp_path))
+  rd.prepare(CONFIG)
+  with pytest.raises(RunDirError, match="already holds a run"):
+    rd.prepare(CONFIG, resume_allowed=False)
+
+
+def test_different_config_refused_and_nothing_written(tmp_path):
+  rd = RunDir(str(tmp_path))
+  rd.prepare(CONFIG)
+  rd.write_status("running", 3)
+  with open(rd.metrics_path, "w") as f:
+    f.write('{"iteration": 0}\n')
+  listing, before = sorted(os.listdir(tmp_path)), _snapshot(tmp_path)
+  with pytest.raises(RunDirError) as info:
+    rd.prepare(CONFIG.replace("0.99", "0.9"))
+  message = str(info.value)
+  assert "different config" in message and "new --base_dir" in message
+  assert "\n" not in message
+  assert sorted(os.listdir(tmp_path)) == listing
+  assert _snapshot(tmp_path) == before
+
+
+def test_string_whitespace_still_matters(tmp_path):
+  rd = RunDir(str(tmp_path))
+  rd.prepare("A.name = 'x y'\n")
+  with pytest.raises(RunDirError, match="different config"):
+    rd.prepare("A.name = 'xy'\n")
+
+
+def test_foreign_directory_refused(tmp_path):
+  (tmp_path / "notes.txt").write_text("my thesis")
+  before = _snapshot(tmp_path)
+  with pytest.raises(RunDirError, match="foreign directory"):
+    RunDir(str(tmp_path)).prepare(CONFIG)
+  assert _snapshot(tmp_path) == before
+
+
+def test_run_without_config_is_not_foreign(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"iteration": 0}\n')
+  assert RunDir(str(tmp_path)).prepare(CONFIG) is False
+
+
+def test_base_dir_beneath_a_file_refused(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(RunDirError, match="cannot be created") as info:
+    RunDir(str(blocker / "run")).prepare(CONFIG)
+  assert "--base_dir" in str(info.value)
+  assert blocker.read_text() == "x"
+
+
+def test_base_dir_that_is_a_file_refused(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(RunDirError, match="is a file"):
+    RunDir(str(blocker)).prepare(CONFIG)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root ignores directory permissions")
+def test_read_only_dir_refused(tmp_path):
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  ro.chmod(0o555)
+  try:
+    with pytest.raises(RunDirError, match="not writable"):
+      RunDir(str(ro)).prepare(CONFIG)
+    assert os.listdir(ro) == []
+  finally:
+    ro.chmod(0o755)
+
+
+def test_unwritable_dir_refused_when_write_fails(tmp_path, monkeypatch):
+  """Simulates a read-only directory (the test may run as root)."""
+  def refuse(path, data):
+    raise PermissionError(13, "Permission denied", path)
+  monkeypatch.setattr(run_dir_lib, "atomic_write_bytes", refuse)
+  with pytest.raises(RunDirError, match="not writable"):
+    RunDir(str(tmp_path)).prepare(CONFIG)
+
+
+def test_status_round_trip(tmp_path):
+  rd = RunDir(str(tmp_path))
+  assert rd.read_status() is None
+  rd.write_status("running", 2)
+  status = rd.read_status()
+  assert status["state"] == "running" and status["iteration"] == 2
+  assert status["error"] is None and "updated" in status
+  rd.write_status("failed", 5, error="boom")
+  assert rd.read_status()["error"] == "boom"
+  with pytest.raises(RunDirError, match="unknown"):
+    rd.write_status("paused", 5)
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+  path = str(tmp_path / "x.json")
+  run_dir_lib.atomic_write_json(path, {"a": 1})
+  run_dir_lib.atomic_write_json(path, {"a": 2})
+  with open(path) as f:
+    assert json.load(f) == {"a": 2}
+  run_dir_lib.atomic_write_text(str(tmp_path / "y.txt"), "hi")
+  assert sorted(os.listdir(tmp_path)) == ["x.json", "y.txt"]
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
+  path = str(tmp_path / "x.txt")
+  run_dir_lib.atomic_write_text(path, "old")
+  def fail(src, dst):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(run_dir_lib.os, "replace", fail)
+  with pytest.raises(OSError):
+    run_dir_lib.atomic_write_text(path, "new")
+  monkeypatch.undo()
+  with open(path) as f:
+    assert f.read() == "old"
+  assert os.listdir(tmp_path) == ["x.txt"]
