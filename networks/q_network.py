@@ -72,6 +72,20 @@ class QNetwork(nn.Module):
       return jnp.zeros((1,))
     return jnp.linspace(self.v_min, self.v_max, self.num_atoms)
 
+  def describe(self) -> Dict[str, Any]:
+    """What the config built: names, expert count and scaling factor.
+
+    `scale` is the x-axis of scaling curves: `num_experts` for MoE layers,
+    `width_scale` for the dense baseline, 1 otherwise.
+    """
+    layer = PENULTIMATES[self.penultimate](parent=None)  # unbound, from gin
+    num_experts = getattr(layer, 'num_experts', None)
+    scale = num_experts if num_experts is not None else getattr(
+        layer, 'width_scale', 1)
+    return {'encoder': self.encoder, 'tokenizer': self.tokenizer,
+            'penultimate': self.penultimate, 'num_experts': num_experts,
+            'scale': scale}
+
   @nn.compact
   def __call__(self, observations, *, deterministic: bool = True,
                expert_mask: Optional[jax.Array] = None) -> NetworkOutput:

@@ -1,0 +1,158 @@
+"""`moerl`: the command line. Thin: every command calls an importable function.
+
+  moerl train  --base_dir D --gin_files F [--gin_files F2] [--gin_bindings B]...
+  moerl eval   --base_dir D [--episodes N]
+  moerl params --gin_files F [--gin_bindings B]... [--num_actions 18] [--json]
+  moerl sweep  SPEC --out DIR [--workers N] [--backend local|ray] [--dry_run]
+  moerl plot   DIR [--out OUT]
+  moerl bench  [--networks] [--json]
+
+Exit codes: 0 success, 1 a run failed, 2 bad input (one line on stderr, no
+traceback, nothing on disk damaged), 130 interrupted.
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+import jax
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+  """Bad input: printed as one line, exit 2."""
+
+
+def _fail(message: str) -> int:
+  print(f'moerl: error: {message}', file=sys.stderr)
+  return EXIT_USAGE
+
+
+def _build_runner(base_dir, gin_files, gin_bindings, **kwargs):
+  """Parses gin and builds the Runner; bad input raises UsageError."""
+  from experiments import gin_config  # pylint: disable=g-import-not-at-top
+  from experiments.runner import Runner  # pylint: disable=g-import-not-at-top
+  gin_config.load(gin_files, gin_bindings)
+  try:
+    return Runner(base_dir, **kwargs)
+  except (ValueError, TypeError) as e:
+    raise UsageError(f'bad config: {gin_config.first_line(e)}') from None
+
+
+def cmd_train(args) -> int:
+  import gin  # pylint: disable=g-import-not-at-top
+  from experiments.run_dir import RunDirError  # pylint: disable=g-import-not-at-top
+  if not args.gin_files:
+    raise UsageError('--gin_files is required: name a config such as '
+                     'dqn_softmoe.gin or a path to a .gin file.')
+  runner = _build_runner(args.base_dir, args.gin_files, args.gin_bindings)
+  try:
+    runner.run_experiment(gin.operative_config_str())
+  except RunDirError as e:
+    raise UsageError(str(e)) from None
+  finally:
+    runner.close()
+  print(f'done: metrics in {os.path.join(args.base_dir, "metrics.jsonl")}; '
+        f'view with: tensorboard --logdir {args.base_dir}', file=sys.stderr)
+  return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+  from experiments.run_dir import RunDir, RunDirError, atomic_write_json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = RunDir(args.base_dir).config_path
+  if not os.path.isfile(config):
+    raise UsageError(f'{args.base_dir} is not a moerl run (no config.gin); '
+                     'pass the --base_dir of a `moerl train` run.')
+  if args.episodes < 1:
+    raise UsageError(f'--episodes={args.episodes} must be >= 1.')
+  runner = _build_runner(args.base_dir, [config], [], num_envs=1)
+  try:
+    iteration = runner.restore_agent()
+    returns = runner.evaluate_episodes(args.episodes)
+  except RunDirError as e:
+    raise UsageError(str(e)) from None
+  finally:
+    runner.close()
+  result = {'checkpoint_iteration': iteration, 'episodes': len(returns),
+            'returns': returns, 'return_mean': float(np.mean(returns)),
+            'return_std': float(np.std(returns)),
+            'epsilon_eval': runner.agent.epsilon_eval}
+  atomic_write_json(os.path.join(args.base_dir, 'eval.json'), result)
+  for i, value in enumerate(returns):
+    print(f'episode {i}: return {value:.2f}')
+  print(f'mean return {result["return_mean"]:.2f} over {len(returns)} '
+        f'episodes (checkpoint of iteration {iteration}); wrote '
+        f'{os.path.join(args.base_dir, "eval.json")}')
+  return EXIT_OK
+
+
+def cmd_params(args) -> int:
+  from networks.q_network import parameter_table  # pylint: disable=g-import-not-at-top
+  if not args.gin_files:
+    raise UsageError('--gin_files is required.')
+  if args.num_actions < 1:
+    raise UsageError(f'--num_actions={args.num_actions} must be >= 1.')
+  runner = _build_runner(None, args.gin_files, args.gin_bindings,
+                         num_actions=args.num_actions, num_envs=1)
+  runner.close()
+  params = runner.agent.state.online_params
+  table = parameter_table(params)
+  result = {'total': runner.num_params, 'modules': table,
+            'num_actions': args.num_actions, **runner.agent.network.describe()}
+  if args.json:
+    print(json.dumps(result, indent=2))
+  else:
+    print(f"{'module':<14}{'parameters':>14}")
+    for name, count in table.items():
+      print(f'{name:<14}{count:>14,}')
+    print(f"{'total':<14}{runner.num_params:>14,}")
+  return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='moerl', description='Mixtures of Experts in deep RL value networks.')
+  sub = parser.add_subparsers(dest='command', required=True)
+
+  def gin_args(p):
+    p.add_argument('--gin_files', action='append', default=[],
+                   help='gin config (path or shipped name); repeatable')
+    p.add_argument('--gin_bindings', action='append', default=[],
+                   help="gin binding such as 'SoftMoE.num_experts = 4'; repeatable")
+
+  p = sub.add_parser('train', help='train an agent (resumes if base_dir has a checkpoint)')
+  p.add_argument('--base_dir', required=True)
+  gin_args(p)
+  p.set_defaults(func=cmd_train)
+
+  p = sub.add_parser('eval', help='evaluate the latest checkpoint of a run')
+  p.add_argument('--base_dir', required=True)
+  p.add_argument('--episodes', type=int, default=10)
+  p.set_defaults(func=cmd_eval)
+
+  p = sub.add_parser('params', help='parameter count of the configured Q-network')
+  gin_args(p)
+  p.add_argument('--num_actions', type=int, default=18)
+  p.add_argument('--json', action='store_true')
+  p.set_defaults(func=cmd_params)
+  return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  args = _parser().parse_args(argv)
+  from experiments.gin_config import GinConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    return args.func(args)
+  except (UsageError, GinConfigError) as e:
+    return _fail(str(e))
+  except KeyboardInterrupt:
+    print('moerl: interrupted', file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+if __name__ == '__main__':
+  sys.exit(main())

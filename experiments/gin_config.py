@@ -1,0 +1,83 @@
+"""Loading gin files and bindings the way every moerl command does.
+
+`--gin_files` accepts a path, or the name of a config shipped in the `configs`
+package (`dqn_softmoe.gin`). Importing this module registers every
+configurable (networks, agents, environments, runner) so that an unknown name
+in a file or binding is reported instead of silently ignored.
+"""
+
+import importlib.resources
+import logging
+import os
+from typing import List, Sequence
+
+import gin
+
+# Imported for their gin registrations.
+import agents.dqn_agent  # noqa: F401  pylint: disable=unused-import
+import agents.rainbow_agent  # noqa: F401  pylint: disable=unused-import
+import experiments.runner  # noqa: F401  pylint: disable=unused-import
+import networks.penultimate  # noqa: F401  pylint: disable=unused-import
+import networks.q_network  # noqa: F401  pylint: disable=unused-import
+import networks.tokenizers  # noqa: F401  pylint: disable=unused-import
+
+
+class GinConfigError(ValueError):
+  """A gin file or binding is missing or invalid."""
+
+
+def packaged_config_dir() -> str:
+  return str(importlib.resources.files('configs'))
+
+
+def shipped_configs() -> List[str]:
+  return sorted(f for f in os.listdir(packaged_config_dir())
+                if f.endswith('.gin'))
+
+
+def resolve_gin_file(name: str) -> str:
+  if os.path.isfile(name):
+    return name
+  packaged = os.path.join(packaged_config_dir(), name)
+  if os.path.isfile(packaged):
+    return packaged
+  raise GinConfigError(
+      f"gin file '{name}' not found: pass a path, or one of the shipped "
+      f"configs ({', '.join(shipped_configs())}).")
+
+
+def first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def load(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:
+  """Clears gin and parses files then bindings; GinConfigError on bad input."""
+  paths = [resolve_gin_file(f) for f in gin_files]
+  gin.clear_config()
+  # `include 'dqn.gin'` inside a shipped config resolves to the packaged copy.
+  if packaged_config_dir() not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+    gin.add_config_file_search_path(packaged_config_dir())
+  # gin logs an error for every search-path prefix an include misses.
+  logging.disable(logging.ERROR)
+  try:
+    gin.parse_config_files_and_bindings(paths, list(gin_bindings),
+                                        finalize_config=False)
+  except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
+    raise GinConfigError(f'bad gin config: {first_line(e)}') from None
+  finally:
+    logging.disable(logging.NOTSET)
+
+
+def validate_binding(binding: str) -> None:
+  """Raises ValueError if a single binding names an unknown parameter.
+
+  Parses the binding into an empty gin config and clears it again.
+  """
+  gin.clear_config()
+  try:
+    gin.parse_config(binding)
+  except (ValueError, KeyError, SyntaxError) as e:
+    raise ValueError(first_line(e)) from None
+  finally:
+    gin.clear_config()

@@ -1,0 +1,302 @@
+"""The experiment runner: iterations of a training phase and an optional
+evaluation phase, with logging, checkpoints and automatic resume.
+
+Protocol (Dopamine's Runner): each iteration runs `training_steps` agent steps
+of training; an episode still going when the budget is reached finishes past
+it, and no new episode starts (with several envs, an env whose episode ends
+after the budget idles until the others finish). Episodes therefore never
+span iterations, so a checkpoint at the end of an iteration captures
+everything and a resumed run starts the next iteration with fresh episodes.
+Rewards are clipped to [-1, 1] for learning only (`clip_rewards`); returns are
+reported unclipped. `schedule='continuous_train_and_eval'` adds an evaluation
+phase of `evaluation_steps` with the agent's `epsilon_eval` and no network
+noise.
+
+Step accounting in metrics.jsonl: `agent_steps` and `frames` follow the
+protocol's budget, (iteration + 1) * training_steps (x 4 frames per step on
+Atari), the x-axis of Dopamine's published curves; `agent_steps_taken` counts
+the training steps actually taken, episode overruns included.
+"""
+
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import gin
+import numpy as np
+
+from agents.dqn_agent import DQNAgent
+from agents.frame_stack import FrameStacker
+from agents.rainbow_agent import RainbowAgent
+from experiments import environments
+from experiments.checkpoints import Checkpointer
+from experiments.logger import MetricsLogger, truncate_metrics
+from experiments.run_dir import RunDir, RunDirError
+from networks.q_network import count_parameters
+
+gin.external_configurable(environments.create_atari_environment,
+                          'create_atari_environment')
+gin.external_configurable(environments.create_gym_environment,
+                          'create_gym_environment')
+
+SCHEDULES = ('continuous_train', 'continuous_train_and_eval')
+AGENT_NAMES = {DQNAgent: 'dqn', RainbowAgent: 'rainbow'}
+
+
+def _phase_seed(seed: int, iteration: int, phase: int) -> int:
+  return int(np.random.SeedSequence([seed, iteration, phase]).generate_state(1)[0])
+
+
+class Progress:
+  """A progress bar (steps/s, recent return) on a terminal; silent on other
+  streams (CI, sweep logs), where the runner prints one line per iteration."""
+
+  def __init__(self, total: int, description: str, stream=sys.stderr):
+    self._bar = None
+    if stream.isatty():
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total, desc=description, unit='step',
+                       dynamic_ncols=True, leave=False, file=stream,
+                       mininterval=0.5)
+    self._pending = 0
+
+  def update(self, steps: int, recent_return: Optional[float]) -> None:
+    if self._bar is None:
+      return
+    self._pending += steps
+    if self._pending >= 200:
+      self._bar.update(self._pending)
+      self._pending = 0
+      if recent_return is not None:
+        self._bar.set_postfix(ret=f'{recent_return:.1f}', refresh=False)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+@gin.configurable
+class Runner:
+  """Builds the environment and the agent from gin and runs the experiment."""
+
+  def __init__(self,
+               base_dir: Optional[str],
+               *,
+               create_environment_fn: Callable = environments.create_atari_environment,
+               agent: Callable = DQNAgent,
+               num_iterations: int = 200,
+               training_steps: int = 250000,
+               evaluation_steps: int = 125000,
+               max_steps_per_episode: int = 27000,
+               schedule: str = 'continuous_train',
+               clip_rewards: bool = True,
+               num_envs: int = 1,
+               seed: int = 0,
+               checkpoint_replay: bool = True,
+               variant: Optional[str] = None,
+               num_actions: Optional[int] = None,
+               log_stream=None):
+    if schedule not in SCHEDULES:
+      raise ValueError(f"Runner.schedule='{schedule}' is unknown: use one of "
+                       f"{', '.join(SCHEDULES)}.")
+    for name, value in (('num_iterations', num_iterations),
+                        ('training_steps', training_steps),
+                        ('num_envs', num_envs)):
+      if value < 1:
+        raise ValueError(f'Runner.{name}={value} must be >= 1.')
+    self.base_dir = base_dir
+    self.num_iterations = num_iterations
+    self.training_steps = training_steps
+    self.evaluation_steps = evaluation_steps
+    self.schedule = schedule
+    self.clip_rewards = clip_rewards
+    self.num_envs = num_envs
+    self.seed = seed
+    self.checkpoint_replay = checkpoint_replay
+    self._log_stream = log_stream or sys.stderr
+    self._make_env = lambda n: create_environment_fn(
+        num_envs=n, seed=seed, max_steps_per_episode=max_steps_per_episode)
+    self.env = self._make_env(num_envs)
+    self._eval_env = None
+    self.is_atari = isinstance(self.env, environments.AtariEnv)
+    self.agent = agent(
+        num_actions if num_actions is not None else self.env.num_actions,
+        self.env.observation_shape, self.env.observation_dtype,
+        4 if self.is_atari else 1, num_envs=num_envs, seed=seed)
+    self.num_params = count_parameters(self.agent.state.online_params)
+    self.identity = dict(
+        game=self.env.name, is_atari=self.is_atari, seed=seed,
+        agent=AGENT_NAMES.get(type(self.agent), type(self.agent).__name__),
+        num_params=self.num_params, variant=variant,
+        **self.agent.network.describe())
+    self._frames_per_step = (environments.FRAMES_PER_AGENT_STEP
+                             if self.is_atari else 1)
+
+  # -- Phases. -----------------------------------------------------------------
+  def _run_phase(self, env, min_steps: int, eval_mode: bool, iteration: int,
+                 description: str) -> Dict[str, Any]:
+    agent = self.agent
+    agent.eval_mode = eval_mode
+    n = env.num_envs
+    stacker = FrameStacker(n, env.observation_shape, agent.stack_size,
+                           env.observation_dtype)
+    stacker.reset(env.reset(seed=_phase_seed(self.seed, iteration, eval_mode)))
+    active = np.ones(n, bool)
+    running_return = np.zeros(n)
+    returns: List[float] = []
+    steps = 0
+    progress = Progress(min_steps, description, self._log_stream)
+    start = time.time()
+    try:
+      while active.any():
+        observations = stacker.observations
+        actions = agent.select_actions(observations)
+        result = env.step(actions)
+        ends = result.terminated | result.truncated
+        if not eval_mode:
+          rewards = (np.clip(result.reward, -1.0, 1.0) if self.clip_rewards
+                     else result.reward)
+          agent.record(observations, actions, rewards, result.terminated, ends,
+                       active)
+        running_return += np.where(active, result.reward, 0.0)
+        num_active = int(active.sum())
+        steps += num_active
+        for i in np.flatnonzero(ends & active):
+          returns.append(float(running_return[i]))
+        running_return[ends] = 0.0
+        if steps >= min_steps:
+          active &= ~ends
+        stacker.push(result.observation, ends)
+        progress.update(num_active, returns[-1] if returns else None)
+    finally:
+      progress.close()
+      agent.eval_mode = False
+    seconds = time.time() - start
+    return {'steps': steps, 'seconds': seconds, 'episodes': len(returns),
+            'return_mean': float(np.mean(returns)) if returns else None}
+
+  def run_iteration(self, iteration: int) -> Dict[str, Any]:
+    train = self._run_phase(self.env, self.training_steps, False, iteration,
+                            f'iter {iteration} train')
+    metrics = dict(self.identity)
+    agent_steps = (iteration + 1) * self.training_steps
+    metrics.update(
+        iteration=iteration,
+        agent_steps=agent_steps,
+        frames=agent_steps * self._frames_per_step,
+        agent_steps_taken=self.agent.training_steps,
+        train_episode_return_mean=train['return_mean'],
+        train_episodes=train['episodes'],
+        agent_steps_per_second=train['steps'] / max(train['seconds'], 1e-9),
+        train_seconds=train['seconds'],
+        eval_episode_return_mean=None,
+        eval_episodes=0,
+        loss=None)
+    metrics.update(self.agent.pop_metrics())
+    if self.schedule == 'continuous_train_and_eval':
+      if self._eval_env is None:
+        self._eval_env = self._make_env(self.num_envs)
+      evaluation = self._run_phase(self._eval_env, self.evaluation_steps, True,
+                                   iteration, f'iter {iteration} eval')
+      metrics.update(eval_episode_return_mean=evaluation['return_mean'],
+                     eval_episodes=evaluation['episodes'])
+    return metrics
+
+  # -- Checkpoints and the experiment. ------------------------------------------
+  def _checkpoint_state(self, with_replay: bool) -> Dict[str, Any]:
+    state = {'agent': self.agent.checkpoint_state(),
+             'counters': self.agent.checkpoint_values()}
+    if with_replay and self.checkpoint_replay:
+      state['replay'] = self.agent.replay
+    return state
+
+  def run_experiment(self, operative_config: str) -> None:
+    """Runs (or resumes) every iteration.
+
+    Bad input (a foreign or different-config base_dir, a corrupt checkpoint)
+    raises RunDirError before anything on disk changes (config.gin is only
+    rewritten with identical content).
+    """
+    run_dir = RunDir(self.base_dir)
+    resume = run_dir.prepare(operative_config)
+    checkpointer = Checkpointer(run_dir.checkpoint_dir)
+    iteration = 0
+    if resume:
+      latest = checkpointer.latest_iteration()
+      if latest is not None:
+        restored = checkpointer.restore(
+            latest, template=self._checkpoint_state(with_replay=True))
+        self.agent.restore(restored['agent'], restored['counters'])
+        iteration = latest + 1
+      truncate_metrics(run_dir.metrics_path, iteration - 1)
+    logger = MetricsLogger(self.base_dir, purge_step=iteration)
+    try:
+      run_dir.write_status('running', iteration)
+      while iteration < self.num_iterations:
+        metrics = self.run_iteration(iteration)
+        logger.write(metrics)
+        checkpointer.save(iteration, self._checkpoint_state(with_replay=True))
+        iteration += 1
+        run_dir.write_status('running', iteration)
+        print(_summary_line(metrics), file=self._log_stream, flush=True)
+      run_dir.write_status('done', iteration)
+    except BaseException as e:
+      error = ('interrupted' if isinstance(e, KeyboardInterrupt)
+               else f'{type(e).__name__}: {e}')
+      run_dir.write_status('failed', iteration, error)
+      raise
+    finally:
+      logger.close()
+
+  def restore_agent(self) -> int:
+    """Loads the newest checkpoint's agent (not the replay); returns its iteration."""
+    checkpointer = Checkpointer(RunDir(self.base_dir).checkpoint_dir)
+    latest = checkpointer.latest_iteration()
+    if latest is None:
+      raise RunDirError(f'{self.base_dir} holds no checkpoint; train first '
+                        'with `moerl train --base_dir ...`.')
+    restored = checkpointer.restore(
+        latest, template=self._checkpoint_state(with_replay=False))
+    self.agent.restore(restored['agent'], restored['counters'])
+    return latest
+
+  def evaluate_episodes(self, num_episodes: int, seed: int = 12345) -> List[float]:
+    """Returns of `num_episodes` evaluation episodes (epsilon_eval, no noise)."""
+    env = self._make_env(1)
+    agent = self.agent
+    agent.eval_mode = True
+    stacker = FrameStacker(1, env.observation_shape, agent.stack_size,
+                           env.observation_dtype)
+    stacker.reset(env.reset(seed=seed))
+    returns, running = [], 0.0
+    try:
+      while len(returns) < num_episodes:
+        result = env.step(agent.select_actions(stacker.observations))
+        running += float(result.reward[0])
+        ends = result.terminated | result.truncated
+        if ends[0]:
+          returns.append(running)
+          running = 0.0
+        stacker.push(result.observation, ends)
+    finally:
+      agent.eval_mode = False
+      env.close()
+    return returns
+
+  def close(self) -> None:
+    self.env.close()
+    if self._eval_env is not None:
+      self._eval_env.close()
+
+
+def _format(value, spec: str) -> str:
+  return 'n/a' if value is None else format(value, spec)
+
+
+def _summary_line(m: Dict[str, Any]) -> str:
+  return (f"iteration {m['iteration']}: agent_steps={m['agent_steps']} "
+          f"train_return={_format(m['train_episode_return_mean'], '.2f')} "
+          f"({m['train_episodes']} episodes) "
+          f"eval_return={_format(m['eval_episode_return_mean'], '.2f')} "
+          f"loss={_format(m['loss'], '.4f')} "
+          f"steps/s={m['agent_steps_per_second']:.0f}")

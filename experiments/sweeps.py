@@ -1,0 +1,946 @@
+"""Sweeps: expand a TOML grid into ``moerl train`` runs and execute them locally or on Ray.
+
+Sweep spec (TOML)
+-----------------
+::
+
+    name = "softmoe_scaling"                  # required; identifies the sweep in manifest.json
+    gin_files = ["dqn_softmoe.gin"]           # required unless every [[variants]] sets its own
+    bindings = ["Runner.num_iterations = 2"]  # optional fixed bindings for every run
+    games = ["Pong", "Breakout"]              # optional; each bound via `game_binding`
+    seeds = [0, 1, 2]                         # optional; each bound via `seed_binding`
+    game_binding = "create_atari_environment.game_name"   # optional (this is the default)
+    seed_binding = "Runner.seed"                          # optional (this is the default)
+    variant_binding = "Runner.variant"        # optional; binds each variant's name (no default)
+    name_template = "{game}/{variant}/{num_experts}/seed{seed}"   # optional
+
+    [grid]                                    # cartesian product; keys are gin binding targets
+    "SoftMoE.num_experts" = [1, 2, 4, 8]
+
+    [[zip]]                                   # axes that move together (equal-length lists);
+    "SoftMoE.num_experts" = [1, 2, 4, 8]      # several [[zip]] tables multiply with each other
+    "SoftMoE.expert_hidden_units" = [512, 256, 128, 64]   # and with [grid]
+
+    [[variants]]                              # optional named alternatives
+    name = "dense"                            # required, unique
+    gin_files = ["dqn.gin"]                   # optional: REPLACES the top-level gin_files
+    bindings = ["DenseBlock.width_scale = 2"] # optional: APPENDED to the top-level bindings
+    [variants.grid]                           # optional: axes only this variant sweeps,
+    "DenseBlock.width_scale" = [1, 2, 4]      # multiplied with the top-level axes
+    # [[variants.zip]] works the same way
+
+Number of runs = product(grid lengths) x product(zip lengths) x games x seeds, summed over
+variants (each with its own extra axes). A key may appear in only one axis table.
+
+Gin files are looked up, in order, as: an absolute path; a path relative to the current
+directory; relative to the spec file's directory; a name in the packaged ``configs/`` dir.
+They are resolved to absolute paths when the spec is loaded (missing file -> SweepError).
+
+Axis values become gin literals: strings are quoted (``'Pong'``) except those starting with
+``@`` or ``%``, which are passed through as gin references / macros (``@NatureCNN``); booleans
+become ``True``/``False``; numbers are written as is; arrays become gin lists and inline
+tables gin dicts.
+
+Run names come from ``name_template`` (Python ``str.format``) with the fields ``{game}``,
+``{seed}``, ``{variant}`` and each axis value by its short name (the part after the last
+``.``, e.g. ``{num_experts}``) when that short name is unique. The default template is
+``{game}/{variant}/<axis>=<value>,.../seed{seed}`` using only the parts the spec has. Names
+may contain ``/`` (nested directories); other unsafe characters become ``_``; names must be
+unique.
+
+Output directory
+----------------
+``out_dir/manifest.json`` records ``{"sweep", "spec_path", "created", "updated", "runs"}``
+where each run is ``RunSpec.to_dict()``. Each run's ``--base_dir`` is ``out_dir/<name>``; its
+subprocess stdout+stderr are appended to ``out_dir/<name>/sweep.log``. A run is skipped when
+its ``status.json`` says ``"done"``; any other run is (re)started, and ``moerl train`` resumes
+from its checkpoint. ``run_sweep`` refuses an ``out_dir`` whose manifest belongs to a
+different sweep (another ``name``, or a run of the same name with other gin files or
+bindings), and a non-empty ``out_dir`` without a manifest. Adding seeds or axis values to a
+sweep and rerunning into the same ``out_dir`` is allowed and runs only the new runs.
+
+Backends
+--------
+``local``: ``workers`` concurrent subprocesses. ``ray``: one Ray task per run
+(``num_cpus=cpus_per_run, num_gpus=gpus_per_run``) that runs the same subprocess on whichever
+node Ray picks. With ``ray_address`` set, ``out_dir`` and the gin files must be on a
+filesystem shared by all Ray nodes, and ``moerl`` must be installed on every node.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import importlib.resources
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, TextIO
+
+
+class SweepError(ValueError):
+    """Bad sweep input; the message is one sentence naming the problem and the fix."""
+
+
+DEFAULT_GAME_BINDING = "create_atari_environment.game_name"
+DEFAULT_SEED_BINDING = "Runner.seed"
+
+_TOP_KEYS = {"name", "gin_files", "bindings", "games", "seeds", "game_binding", "seed_binding",
+             "variant_binding", "name_template", "grid", "zip", "variants"}
+_VARIANT_KEYS = {"name", "gin_files", "bindings", "grid", "zip"}
+_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*(/[A-Za-z_][\w.]*)*$")
+_UNSAFE_RE = re.compile(r"[^A-Za-z0-9._=,+-]")
+
+
+# --------------------------------------------------------------------------- data classes
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A named alternative inside a sweep (own gin files, extra bindings, extra axes)."""
+
+    name: str
+    gin_files: tuple[str, ...] | None = None
+    bindings: tuple[str, ...] = ()
+    grid: dict[str, list] = dataclasses.field(default_factory=dict)
+    zips: tuple[dict[str, list], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """A validated sweep spec (see the module docstring for the TOML format)."""
+
+    name: str
+    path: str
+    gin_files: tuple[str, ...]
+    bindings: tuple[str, ...] = ()
+    games: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] | None = None
+    game_binding: str = DEFAULT_GAME_BINDING
+    seed_binding: str = DEFAULT_SEED_BINDING
+    variant_binding: str | None = None
+    name_template: str | None = None
+    grid: dict[str, list] = dataclasses.field(default_factory=dict)
+    zips: tuple[dict[str, list], ...] = ()
+    variants: tuple[Variant, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One expanded run: a ``moerl train`` invocation."""
+
+    name: str
+    gin_files: tuple[str, ...]
+    bindings: tuple[str, ...]
+    game: str | None
+    seed: int | None
+    variant: str | None
+    axes: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "gin_files": list(self.gin_files),
+                "bindings": list(self.bindings), "game": self.game, "seed": self.seed,
+                "variant": self.variant, "axes": dict(self.axes)}
+
+    def command(self, base_dir: str | os.PathLike,
+                command_prefix: Sequence[str] = ("moerl", "train")) -> list[str]:
+        cmd = [*command_prefix, "--base_dir", str(base_dir)]
+        for f in self.gin_files:
+            cmd += ["--gin_files", f]
+        for b in self.bindings:
+            cmd += ["--gin_bindings", b]
+        return cmd
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    """What happened to one run: state is 'done', 'failed' or 'skipped'."""
+
+    name: str
+    state: str
+    seconds: float = 0.0
+    reason: str | None = None
+    returncode: int | None = None
+    base_dir: str = ""
+
+    def __str__(self) -> str:
+        return self.name if not self.reason else f"{self.name}: {self.reason}"
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """Outcome of ``run_sweep``; ``failed`` non-empty means the sweep failed (exit 1)."""
+
+    out_dir: str
+    runs: list[RunSpec]
+    done: list[RunOutcome] = dataclasses.field(default_factory=list)
+    failed: list[RunOutcome] = dataclasses.field(default_factory=list)
+    skipped: list[RunOutcome] = dataclasses.field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _where(path: str) -> str:
+    return f"sweep file {path}"
+
+
+def _str_list(value: Any, key: str, path: str, *, allow_empty: bool = True) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SweepError(f"{_where(path)}: '{key}' must be a list of strings; write it as "
+                         f"{key} = [\"...\"]")
+    if not allow_empty and not value:
+        raise SweepError(f"{_where(path)}: '{key}' is an empty list, which gives zero runs; "
+                         f"give it at least one value or remove it")
+    return tuple(value)
+
+
+def _check_axis_table(table: Any, where: str, path: str) -> dict[str, list]:
+    if not isinstance(table, dict):
+        raise SweepError(f"{_where(path)}: {where} must be a table of "
+                         f"\"Configurable.param\" = [values]; fix its syntax")
+    out: dict[str, list] = {}
+    for key, values in table.items():
+        if not _TARGET_RE.match(key) or "." not in key:
+            raise SweepError(f"{_where(path)}: axis {key!r} in {where} is not a gin binding "
+                             f"target; write it as \"Configurable.parameter\"")
+        if not isinstance(values, list):
+            raise SweepError(f"{_where(path)}: axis {key!r} in {where} must be a list of "
+                             f"values; write it as {key!r} = [{values!r}]")
+        if not values:
+            raise SweepError(f"{_where(path)}: axis {key!r} in {where} is an empty list, "
+                             f"which gives zero runs; give it at least one value")
+        for v in values:
+            gin_literal(v, context=f"{_where(path)}: axis {key!r}")
+        out[key] = list(values)
+    return out
+
+
+def _check_zips(value: Any, where: str, path: str) -> tuple[dict[str, list], ...]:
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise SweepError(f"{_where(path)}: {where} must be written as one or more [[zip]] "
+                         f"tables; fix its syntax")
+    zips = []
+    for i, table in enumerate(value):
+        axes = _check_axis_table(table, f"{where} #{i + 1}", path)
+        if not axes:
+            raise SweepError(f"{_where(path)}: {where} #{i + 1} is empty; add axes to it or "
+                             f"remove it")
+        lengths = {k: len(v) for k, v in axes.items()}
+        if len(set(lengths.values())) > 1:
+            detail = ", ".join(f"{k!r} has {n}" for k, n in lengths.items())
+            raise SweepError(f"{_where(path)}: the lists in {where} #{i + 1} have unequal "
+                             f"lengths ({detail}); give every zipped axis the same number "
+                             f"of values")
+        zips.append(axes)
+    return tuple(zips)
+
+
+def _resolve_gin_file(name: str, spec_dir: Path, path: str) -> str:
+    p = Path(name).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, spec_dir / p]
+    if not p.is_absolute():
+        try:
+            candidates.append(Path(str(importlib.resources.files("configs") / name)))
+        except (ModuleNotFoundError, TypeError):
+            pass
+    for c in candidates:
+        if c.is_file():
+            return str(c.resolve())
+    raise SweepError(f"{_where(path)}: gin file {name!r} was not found (looked in "
+                     f"{', '.join(str(c.parent) for c in candidates)}); fix the name or give "
+                     f"a path")
+
+
+def _axis_keys(grid: dict, zips: Iterable[dict]) -> list[str]:
+    keys = list(grid)
+    for z in zips:
+        keys += list(z)
+    return keys
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    """Read and validate a sweep spec TOML file; raise SweepError on bad input."""
+    path = str(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SweepError(f"sweep file {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise SweepError(f"sweep file {path} is a directory; pass a .toml file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SweepError(f"{_where(path)} is not valid TOML ({e}); fix the syntax at that "
+                         f"line") from None
+    except OSError as e:
+        raise SweepError(f"cannot read sweep file {path} ({e.strerror}); check the path and "
+                         f"its permissions") from None
+
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise SweepError(f"{_where(path)}: unknown top-level key(s) {', '.join(unknown)}; "
+                         f"allowed keys are {', '.join(sorted(_TOP_KEYS))}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise SweepError(f"{_where(path)}: 'name' is missing or empty; add name = \"...\" at "
+                         f"the top of the file")
+    spec_dir = Path(path).resolve().parent
+
+    def resolve_files(files: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_resolve_gin_file(f, spec_dir, path) for f in files)
+
+    gin_files = resolve_files(_str_list(data.get("gin_files", []), "gin_files", path))
+    bindings = _str_list(data.get("bindings", []), "bindings", path)
+    games = None
+    if "games" in data:
+        games = _str_list(data["games"], "games", path, allow_empty=False)
+    seeds = None
+    if "seeds" in data:
+        raw = data["seeds"]
+        if (not isinstance(raw, list) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                 for s in raw)):
+            raise SweepError(f"{_where(path)}: 'seeds' must be a list of integers; write it as "
+                             f"seeds = [0, 1, 2]")
+        if not raw:
+            raise SweepError(f"{_where(path)}: 'seeds' is an empty list, which gives zero runs; "
+                             f"give at least one seed or remove the key")
+        if len(set(raw)) != len(raw):
+            raise SweepError(f"{_where(path)}: 'seeds' has duplicates; list each seed once")
+        seeds = tuple(raw)
+    if games is not None and len(set(games)) != len(games):
+        raise SweepError(f"{_where(path)}: 'games' has duplicates; list each game once")
+
+    targets = {}
+    for key in ("game_binding", "seed_binding", "variant_binding"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or not _TARGET_RE.match(value)):
+            raise SweepError(f"{_where(path)}: '{key}' must be a gin binding target such as "
+                             f"\"Runner.seed\"; fix its value")
+        targets[key] = value
+    template = data.get("name_template")
+    if template is not None and (not isinstance(template, str) or not template.strip()):
+        raise SweepError(f"{_where(path)}: 'name_template' must be a non-empty string such as "
+                         f"\"{{game}}/{{variant}}/seed{{seed}}\"; fix its value")
+
+    grid = _check_axis_table(data.get("grid", {}), "[grid]", path)
+    zips = _check_zips(data.get("zip", []), "[[zip]]", path)
+
+    variants = []
+    raw_variants = data.get("variants", [])
+    if not isinstance(raw_variants, list):
+        raise SweepError(f"{_where(path)}: 'variants' must be written as [[variants]] tables; "
+                         f"fix its syntax")
+    seen = set()
+    for i, v in enumerate(raw_variants):
+        if not isinstance(v, dict):
+            raise SweepError(f"{_where(path)}: [[variants]] #{i + 1} is not a table; write it "
+                             f"as [[variants]] with name = \"...\"")
+        bad = sorted(set(v) - _VARIANT_KEYS)
+        if bad:
+            raise SweepError(f"{_where(path)}: unknown key(s) {', '.join(bad)} in [[variants]] "
+                             f"#{i + 1}; allowed keys are {', '.join(sorted(_VARIANT_KEYS))}")
+        vname = v.get("name")
+        if not isinstance(vname, str) or not vname.strip():
+            raise SweepError(f"{_where(path)}: [[variants]] #{i + 1} has no name; add "
+                             f"name = \"...\" to it")
+        if vname in seen:
+            raise SweepError(f"{_where(path)}: variant name {vname!r} is used twice; give each "
+                             f"variant a unique name")
+        seen.add(vname)
+        vfiles = None
+        if "gin_files" in v:
+            vfiles = resolve_files(_str_list(v["gin_files"], f"variants.{vname}.gin_files",
+                                             path, allow_empty=False))
+        if not (vfiles or gin_files):
+            raise SweepError(f"{_where(path)}: variant {vname!r} has no gin files; add "
+                             f"gin_files to it or at the top level")
+        vgrid = _check_axis_table(v.get("grid", {}), f"[variants.grid] of {vname!r}", path)
+        vzips = _check_zips(v.get("zip", []), f"[[variants.zip]] of {vname!r}", path)
+        variants.append(Variant(vname, vfiles, _str_list(v.get("bindings", []),
+                                                           f"variants.{vname}.bindings", path),
+                                vgrid, vzips))
+    if not variants and not gin_files:
+        raise SweepError(f"{_where(path)}: no gin files given; add gin_files = [\"...\"]")
+
+    for vt in variants or [Variant("")]:
+        keys = _axis_keys(grid, zips) + _axis_keys(vt.grid, vt.zips)
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            where = f" (variant {vt.name!r})" if vt.name else ""
+            raise SweepError(f"{_where(path)}: axis {dup[0]!r} appears in more than one axis "
+                             f"table{where}; keep each axis in exactly one [grid] or [[zip]]")
+
+    return SweepSpec(
+        name=name, path=str(Path(path).resolve()), gin_files=gin_files, bindings=bindings,
+        games=games, seeds=seeds,
+        game_binding=targets["game_binding"] or DEFAULT_GAME_BINDING,
+        seed_binding=targets["seed_binding"] or DEFAULT_SEED_BINDING,
+        variant_binding=targets["variant_binding"], name_template=template,
+        grid=grid, zips=zips, variants=tuple(variants))
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def gin_literal(value: Any, *, context: str = "value") -> str:
+    """Format a TOML value as a gin literal (see the module docstring)."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SweepError(f"{context}: {value!r} is not a finite number; use a finite value")
+        return repr(value)
+    if isinstance(value, str):
+        if value[:1] in ("@", "%"):
+            return value
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(gin_literal(v, context=context) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {gin_literal(v, context=context)}"
+                               for k, v in value.items()) + "}"
+    raise SweepError(f"{context}: values of type {type(value).__name__} cannot be gin "
+                     f"bindings; use strings, numbers, booleans, arrays or tables")
+
+
+def _value_for_name(value: Any) -> str:
+    if isinstance(value, str):
+        return value.lstrip("@%")
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _safe_name(raw: str, template_hint: str) -> str:
+    parts = []
+    for part in raw.strip().split("/"):
+        part = _UNSAFE_RE.sub("_", part.strip())
+        if not part:
+            continue
+        if part in (".", ".."):
+            part = part.replace(".", "_")
+        parts.append(part)
+    if not parts:
+        raise SweepError(f"name_template {template_hint!r} produced an empty run name; "
+                         f"include fields such as {{game}} or {{seed}}")
+    return "/".join(parts)
+
+
+def _axis_combinations(grid: dict[str, list], zips: Sequence[dict[str, list]]):
+    """Yield dicts {axis: value} for grid x zip_1 x zip_2 x ..."""
+    factors: list[list[dict[str, Any]]] = []
+    for key, values in grid.items():
+        factors.append([{key: v} for v in values])
+    for z in zips:
+        n = len(next(iter(z.values())))
+        factors.append([{k: z[k][i] for k in z} for i in range(n)])
+    for combo in itertools.product(*factors):
+        merged: dict[str, Any] = {}
+        for part in combo:
+            merged.update(part)
+        yield merged
+
+
+def _short_names(keys: Iterable[str]) -> dict[str, str]:
+    keys = list(dict.fromkeys(keys))
+    shorts = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: s for k, s in zip(keys, shorts) if shorts.count(s) == 1}
+
+
+def expand(spec: SweepSpec, *,
+           validate_binding: Callable[[str], None] | None = None) -> list[RunSpec]:
+    """Expand a spec into runs (variants x axes x games x seeds, in that nesting order).
+
+    ``validate_binding`` (optional) is called once on every distinct binding string and
+    raises ValueError for an unknown gin parameter; that becomes a SweepError.
+    """
+    variants = spec.variants or (None,)
+    runs: list[RunSpec] = []
+    for variant in variants:
+        grid = dict(spec.grid)
+        zips = list(spec.zips)
+        files = spec.gin_files
+        extra: tuple[str, ...] = ()
+        if variant is not None:
+            grid.update(variant.grid)
+            zips += list(variant.zips)
+            files = variant.gin_files or spec.gin_files
+            extra = variant.bindings
+            if spec.variant_binding:
+                extra = (f"{spec.variant_binding} = {gin_literal(variant.name)}",) + extra
+        for axes in _axis_combinations(grid, zips):
+            for game in spec.games or (None,):
+                for seed in spec.seeds or (None,):
+                    bindings = list(spec.bindings) + list(extra)
+                    bindings += [f"{k} = {gin_literal(v)}" for k, v in axes.items()]
+                    if game is not None:
+                        bindings.append(f"{spec.game_binding} = {gin_literal(game)}")
+                    if seed is not None:
+                        bindings.append(f"{spec.seed_binding} = {seed}")
+                    runs.append(RunSpec(name="", gin_files=tuple(files),
+                                        bindings=tuple(bindings), game=game, seed=seed,
+                                        variant=variant.name if variant else None,
+                                        axes=dict(axes)))
+    if not runs:
+        raise SweepError(f"sweep {spec.name!r} expands to zero runs; give every axis, game "
+                         f"and seed list at least one value")
+    runs = _name_runs(spec, runs)
+    if validate_binding is not None:
+        _validate_bindings(spec, runs, validate_binding)
+    return runs
+
+
+def _name_runs(spec: SweepSpec, runs: list[RunSpec]) -> list[RunSpec]:
+    all_axes = list(dict.fromkeys(k for r in runs for k in r.axes))
+    shorts = _short_names(all_axes)
+    template = spec.name_template
+    if template is None:
+        parts = []
+        if spec.games is not None:
+            parts.append("{game}")
+        if spec.variants:
+            parts.append("{variant}")
+        parts.append("{__axes__}")
+        if spec.seeds is not None:
+            parts.append("seed{seed}")
+        template = "/".join(parts)
+    named = []
+    where: dict[str, RunSpec] = {}
+    for r in runs:
+        fields: dict[str, Any] = {}
+        if r.game is not None:
+            fields["game"] = r.game
+        if r.seed is not None:
+            fields["seed"] = r.seed
+        if r.variant is not None:
+            fields["variant"] = r.variant
+        for k, v in r.axes.items():
+            if k in shorts:
+                fields[shorts[k]] = _value_for_name(v)
+        fields["__axes__"] = ",".join(f"{shorts.get(k, k)}={_value_for_name(v)}"
+                                      for k, v in r.axes.items())
+        try:
+            raw = template.format(**fields)
+        except KeyError as e:
+            avail = ", ".join("{" + f + "}" for f in fields if f != "__axes__")
+            raise SweepError(f"{_where(spec.path)}: name_template uses unknown field {{{e.args[0]}}}"
+                             f"; use only the available fields: {avail}") from None
+        except (ValueError, IndexError, AttributeError) as e:
+            raise SweepError(f"{_where(spec.path)}: name_template {template!r} is not a valid "
+                             f"format string ({e}); use fields like {{game}} and {{seed}}") from None
+        if spec.name_template is None and not raw.strip("/"):
+            raw = "run"  # a single run with nothing that varies
+        name = _safe_name(raw, template)
+        if name in where:
+            raise SweepError(f"{_where(spec.path)}: run name {name!r} is produced by more than "
+                             f"one run; add the varying fields (e.g. {{seed}} or an axis short "
+                             f"name) to name_template")
+        nr = dataclasses.replace(r, name=name)
+        where[name] = nr
+        named.append(nr)
+    # A name that is a directory prefix of another would nest one run inside another.
+    names = sorted(where)
+    for a, b in zip(names, names[1:]):
+        if b.startswith(a + "/"):
+            raise SweepError(f"{_where(spec.path)}: run name {a!r} is a parent directory of "
+                             f"{b!r}; make the name_template give every run its own leaf "
+                             f"directory")
+    return named
+
+
+def _validate_bindings(spec: SweepSpec, runs: list[RunSpec],
+                       validate_binding: Callable[[str], None]) -> None:
+    axis_keys = {k for r in runs for k in r.axes}
+    for b in dict.fromkeys(b for r in runs for b in r.bindings):
+        try:
+            validate_binding(b)
+        except ValueError as e:
+            target = b.split("=", 1)[0].strip()
+            kind = "axis parameter" if target in axis_keys else "parameter in binding"
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SweepError(f"{_where(spec.path)}: unknown {kind} {target!r} ({msg}); fix "
+                             f"the gin parameter name") from None
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def read_status(run_dir: str | os.PathLike) -> dict | None:
+    """Return the parsed ``status.json`` of a run dir, or None if absent/unreadable."""
+    try:
+        with open(Path(run_dir) / "status.json", encoding="utf-8") as fh:
+            status = json.load(fh)
+        return status if isinstance(status, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _last_log_line(log_path: Path) -> str | None:
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 65536))
+            tail = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        if line.strip() and not line.startswith("=== sweep"):
+            return line.strip()
+    return None
+
+
+def _failure_reason(run_dir: Path, returncode: int | None, error: str | None) -> str:
+    if error:
+        return error
+    status = read_status(run_dir)
+    last = _last_log_line(run_dir / "sweep.log")
+    if last:
+        reason = last
+    elif status and status.get("error"):
+        reason = str(status["error"]).strip().splitlines()[-1]
+    elif status and status.get("state") not in (None, "done"):
+        reason = f"status.json says {status.get('state')!r}"
+    else:
+        reason = "no output"
+    if returncode is None:
+        return reason
+    code = (f"killed by signal {-returncode}" if returncode < 0 else f"exit {returncode}")
+    return f"{code}: {reason}"
+
+
+def _execute(cmd: list[str], run_dir: str, procs: set | None = None,
+             lock: threading.Lock | None = None) -> tuple[int | None, float, str | None]:
+    """Run one command with output appended to run_dir/sweep.log.
+
+    Returns (returncode, seconds, error); error is set when the command could not start.
+    """
+    start = time.monotonic()
+    os.makedirs(run_dir, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(os.path.join(run_dir, "sweep.log"), "ab") as log:
+        stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        log.write(f"=== sweep {stamp}: {shlex.join(cmd)}\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env)
+        except OSError as e:
+            return None, time.monotonic() - start, f"cannot start {cmd[0]!r}: {e.strerror}"
+        if procs is not None and lock is not None:
+            with lock:
+                procs.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            if procs is not None and lock is not None:
+                with lock:
+                    procs.discard(proc)
+    return rc, time.monotonic() - start, None
+
+
+def _ray_task(cmd: list[str], run_dir: str) -> tuple[int | None, float, str | None]:
+    # Self-contained (stdlib only) so that Ray can ship it by value to any node.
+    import datetime as _dt
+    import os as _os
+    import shlex as _shlex
+    import subprocess as _sp
+    import time as _time
+
+    start = _time.monotonic()
+    _os.makedirs(run_dir, exist_ok=True)
+    env = dict(_os.environ, PYTHONUNBUFFERED="1")
+    with open(_os.path.join(run_dir, "sweep.log"), "ab") as log:
+        stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        log.write(f"=== sweep {stamp}: {_shlex.join(cmd)}\n".encode())
+        log.flush()
+        try:
+            rc = _sp.run(cmd, stdout=log, stderr=_sp.STDOUT, stdin=_sp.DEVNULL,
+                         env=env).returncode
+        except OSError as e:
+            return None, _time.monotonic() - start, f"cannot start {cmd[0]!r}: {e.strerror}"
+    return rc, _time.monotonic() - start, None
+
+
+class _Progress:
+    """A tqdm bar on a TTY; otherwise one line per finished run."""
+
+    def __init__(self, total: int, skipped: int, stream: TextIO):
+        self.total, self.stream = total, stream
+        self.counts = {"done": 0, "failed": 0, "skipped": skipped}
+        self.start = time.monotonic()
+        self.bar = None
+        isatty = getattr(stream, "isatty", None)
+        if isatty is not None and isatty():
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=skipped, file=stream, unit="run",
+                                dynamic_ncols=True)
+                self.bar.set_postfix(self.counts)
+            except ImportError:
+                self.bar = None
+
+    def finished(self, outcome: RunOutcome) -> None:
+        self.counts[outcome.state] += 1
+        elapsed = _fmt_seconds(time.monotonic() - self.start)
+        n = sum(self.counts.values())
+        line = (f"[{n}/{self.total}] {outcome.state:<6} {outcome.name} "
+                f"({outcome.seconds:.1f}s)"
+                + (f": {outcome.reason}" if outcome.reason else "")
+                + f" | done {self.counts['done']}, failed {self.counts['failed']}, "
+                  f"skipped {self.counts['skipped']}, total {self.total}, elapsed {elapsed}")
+        if self.bar is not None:
+            self.bar.set_postfix(self.counts)
+            self.bar.update(1)
+            if outcome.state == "failed":
+                self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    widths[-1] = 0  # last column unpadded
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines.append("  ".join("-" * max(w, len(h)) for h, w in zip(headers, widths)))
+    for row in rows:
+        lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _print_plan(spec: SweepSpec, runs: list[RunSpec], out_dir: Path, stream: TextIO) -> None:
+    common = [b for b in runs[0].bindings if all(b in r.bindings for r in runs)]
+    print(f"sweep {spec.name!r}: {len(runs)} run(s) into {out_dir} (dry run: nothing is "
+          f"run or written)", file=stream)
+    files = sorted({f for r in runs for f in r.gin_files})
+    print("gin files: " + ", ".join(files), file=stream)
+    if common:
+        print("bindings common to all runs: " + "; ".join(common), file=stream)
+    rows = []
+    for r in runs:
+        status = read_status(out_dir / r.name) or {}
+        state = "done (skip)" if status.get("state") == "done" else (
+            str(status.get("state")) if status else "new")
+        own = [b for b in r.bindings if b not in common]
+        gin = ",".join(Path(f).name for f in r.gin_files)
+        rows.append([r.name, state, gin, "; ".join(own) or "-"])
+    print(_table(rows, ["run", "state", "gin files", "bindings"]), file=stream, flush=True)
+
+
+def _prepare_out_dir(spec: SweepSpec, runs: list[RunSpec], out_dir: Path) -> None:
+    manifest_path = out_dir / "manifest.json"
+    created = None
+    if manifest_path.exists():
+        try:
+            old = json.loads(manifest_path.read_text(encoding="utf-8"))
+            old_name = old["sweep"]
+            old_runs = {r["name"]: r for r in old["runs"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            raise SweepError(f"{manifest_path} is unreadable or not a sweep manifest; choose "
+                             f"another out_dir or remove that file") from None
+        if old_name != spec.name:
+            raise SweepError(f"{out_dir} holds sweep {old_name!r}, not {spec.name!r}; choose "
+                             f"another out_dir")
+        for r in runs:
+            o = old_runs.get(r.name)
+            if o is not None and (list(o.get("gin_files", [])) != list(r.gin_files)
+                                  or list(o.get("bindings", [])) != list(r.bindings)):
+                raise SweepError(f"{out_dir} holds run {r.name!r} of sweep {spec.name!r} with "
+                                 f"other gin files or bindings; choose another out_dir or "
+                                 f"restore the spec")
+        created = old.get("created")
+    elif out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise SweepError(f"{out_dir} is not empty and holds no sweep manifest.json; choose an "
+                         f"empty or new out_dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        manifest = {"sweep": spec.name, "spec_path": spec.path, "created": created or now,
+                    "updated": now, "runs": [r.to_dict() for r in runs]}
+        tmp = manifest_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, manifest_path)
+    except OSError as e:
+        raise SweepError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose a writable "
+                         f"directory") from None
+
+
+def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, workers: int = 1,
+              backend: str = "local", ray_address: str | None = None, dry_run: bool = False,
+              command_prefix: Sequence[str] = ("moerl", "train"),
+              validate_binding: Callable[[str], None] | None = None,
+              cpus_per_run: float = 1, gpus_per_run: float = 0.0,
+              stream: TextIO | None = None) -> SweepResult:
+    """Expand the spec at ``spec_path`` and run every unfinished run into ``out_dir/<name>``.
+
+    See the module docstring for the output layout and backends. Raises SweepError for bad
+    input before any run starts; a failing run is recorded in ``SweepResult.failed`` and does
+    not stop the others.
+    """
+    stream = sys.stderr if stream is None else stream
+    if backend not in ("local", "ray"):
+        raise SweepError(f"unknown sweep backend {backend!r}; use 'local' or 'ray'")
+    if not isinstance(workers, int) or workers < 1:
+        raise SweepError(f"workers must be a positive integer, got {workers!r}; pass "
+                         f"--workers 1 or more")
+    if cpus_per_run < 0 or gpus_per_run < 0:
+        raise SweepError("cpus_per_run and gpus_per_run must be >= 0; fix the resource "
+                         "request")
+    if not command_prefix:
+        raise SweepError("command_prefix is empty; pass the trainer command, e.g. "
+                         "('moerl', 'train')")
+    spec = load_spec(spec_path)
+    runs = expand(spec, validate_binding=validate_binding)
+    out = Path(out_dir).expanduser().resolve()
+    result = SweepResult(out_dir=str(out), runs=runs, dry_run=dry_run)
+
+    if dry_run:
+        _print_plan(spec, runs, out, stream)
+        return result
+
+    if backend == "local" and shutil.which(command_prefix[0]) is None:
+        raise SweepError(f"command {command_prefix[0]!r} was not found on PATH; install moerl "
+                         f"(pip install -e .) or fix the command")
+    _prepare_out_dir(spec, runs, out)
+
+    todo: list[RunSpec] = []
+    for r in runs:
+        if (read_status(out / r.name) or {}).get("state") == "done":
+            result.skipped.append(RunOutcome(r.name, "skipped", 0.0, "already done",
+                                             None, str(out / r.name)))
+        else:
+            todo.append(r)
+    start = time.monotonic()
+    print(f"sweep {spec.name!r}: {len(runs)} run(s), {len(result.skipped)} already done, "
+          f"{len(todo)} to run with {backend} backend into {out}", file=stream, flush=True)
+    progress = _Progress(len(runs), len(result.skipped), stream)
+
+    def record(r: RunSpec, rc: int | None, seconds: float, error: str | None) -> None:
+        run_dir = out / r.name
+        status = read_status(run_dir) or {}
+        if rc == 0 and error is None and status.get("state") != "failed":
+            outcome = RunOutcome(r.name, "done", seconds, None, rc, str(run_dir))
+            result.done.append(outcome)
+        else:
+            outcome = RunOutcome(r.name, "failed", seconds,
+                                 _failure_reason(run_dir, rc, error), rc, str(run_dir))
+            result.failed.append(outcome)
+        progress.finished(outcome)
+
+    try:
+        if todo and backend == "local":
+            _run_local(todo, out, workers, command_prefix, record)
+        elif todo:
+            _run_ray(todo, out, workers, ray_address, command_prefix, cpus_per_run,
+                     gpus_per_run, record)
+    finally:
+        progress.close()
+
+    order = {r.name: i for i, r in enumerate(runs)}
+    for lst in (result.done, result.failed, result.skipped):
+        lst.sort(key=lambda o: order[o.name])
+    _print_closing(spec, result, order, time.monotonic() - start, stream)
+    return result
+
+
+def _run_local(todo, out: Path, workers: int, command_prefix, record) -> None:
+    procs: set = set()
+    lock = threading.Lock()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    futures = {pool.submit(_execute, r.command(out / r.name, command_prefix),
+                           str(out / r.name), procs, lock): r for r in todo}
+    try:
+        for fut in concurrent.futures.as_completed(futures):
+            record(futures[fut], *fut.result())
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        with lock:
+            for p in list(procs):
+                p.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_ray(todo, out: Path, workers: int, ray_address, command_prefix, cpus_per_run,
+             gpus_per_run, record) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise SweepError("the ray backend needs Ray; install it (pip install 'moerl[ray]') or "
+                         "use --backend local") from None
+    started = False
+    if not ray.is_initialized():
+        try:
+            if ray_address:
+                ray.init(address=ray_address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise SweepError(f"cannot start or reach Ray at {ray_address or 'local'} "
+                             f"({str(e).splitlines()[0] if str(e) else e!r}); check "
+                             f"--ray_address") from None
+        started = True
+    try:
+        task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run)(_ray_task)
+        refs = {task.remote(r.command(out / r.name, command_prefix), str(out / r.name)): r
+                for r in todo}
+        pending = list(refs)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                for ref in ready:
+                    try:
+                        rc, seconds, error = ray.get(ref)
+                    except Exception as e:  # a task crashed or its node died
+                        rc, seconds, error = None, 0.0, f"ray task failed: {type(e).__name__}"
+                    record(refs[ref], rc, seconds, error)
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _print_closing(spec: SweepSpec, result: SweepResult, order: dict[str, int],
+                   elapsed: float, stream: TextIO) -> None:
+    outcomes = sorted(result.done + result.failed + result.skipped, key=lambda o: order[o.name])
+    rows = [[o.name, o.state, f"{o.seconds:.1f}", o.reason if o.state == "failed" else ""]
+            for o in outcomes]
+    print(_table(rows, ["run", "state", "seconds", "reason"]), file=stream)
+    print(f"sweep {spec.name!r} finished in {_fmt_seconds(elapsed)}: {len(result.done)} done, "
+          f"{len(result.failed)} failed, {len(result.skipped)} skipped, {len(outcomes)} total"
+          + (f"; logs in {result.out_dir}/<run>/sweep.log" if result.failed else ""),
+          file=stream, flush=True)

@@ -1,0 +1,207 @@
+"""Tests for experiments.plots on synthetic run directories (metrics.jsonl only)."""
+
+import csv
+import json
+import zlib
+
+import numpy as np
+import pytest
+from matplotlib import colormaps
+
+from experiments import plots
+from experiments.plots import PlotError, plot_runs
+from experiments.scores import human_normalized_score
+
+ITERS = 10
+SEEDS = (0, 1, 2)
+# (variant label in metrics or None, penultimate, scale, num_params)
+ATARI_SETS = [(None, "dense", 1, 4_052_658), ("softmoe", "softmoe", 2, 500_000),
+              ("softmoe", "softmoe", 8, 754_482)]
+CARTPOLE_SETS = [(None, "dense", 1, 70_000), ("softmoe", "softmoe", 2, 40_000)]
+
+
+def _returns(game, penultimate, scale, seed):
+    rng = np.random.default_rng(zlib.crc32(f"{game}/{penultimate}/{scale}/{seed}".encode()))
+    base = {"pong": -21.0, "breakout": 2.0, "CartPole-v1": 20.0}[game]
+    slope = {"pong": 3.5, "breakout": 4.0, "CartPole-v1": 40.0}[game] * (1 + 0.1 * scale)
+    return [base + slope * i + float(rng.normal(0, 1)) for i in range(ITERS)]
+
+
+def write_run(root, variant, penultimate, scale, num_params, game, seed, *, atari,
+              returns=None, eval_only=False, torn=False):
+    run_dir = root / game / f"{variant or penultimate}-{scale}" / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    returns = returns if returns is not None else _returns(game, penultimate, scale, seed)
+    lines = []
+    for i, ret in enumerate(returns):
+        steps = (i + 1) * 1000
+        row = {"iteration": i, "agent_steps": steps, "frames": 4 * steps if atari else steps,
+               "train_episode_return_mean": None if eval_only else ret,
+               "train_episodes": 3, "eval_episode_return_mean": ret if eval_only else None,
+               "agent_steps_per_second": 100.0, "loss": 0.1, "game": game, "is_atari": atari,
+               "seed": seed, "agent": "dqn", "penultimate": penultimate,
+               "num_experts": None if penultimate == "dense" else scale, "scale": scale,
+               "num_params": num_params, "variant": variant}
+        lines.append(json.dumps(row))
+    text = "\n".join(lines) + "\n"
+    if torn:
+        text += '{"iteration": 10, "train_episode_ret'
+    (run_dir / "metrics.jsonl").write_text(text)
+    return returns
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    expected = {}
+    for game in ("pong", "breakout"):
+        for variant, pen, scale, params in ATARI_SETS:
+            for seed in SEEDS:
+                rets = _returns(game, pen, scale, seed)
+                if seed == 1:
+                    rets[0] = None  # no episode finished in the first iteration
+                write_run(root, variant, pen, scale, params, game, seed, atari=True,
+                          returns=rets, torn=(seed == 2))
+                expected[(variant or f"dqn-{pen}", scale, game, seed)] = rets
+    for variant, pen, scale, params in CARTPOLE_SETS:
+        for seed in SEEDS:
+            rets = write_run(root, variant, pen, scale, params, "CartPole-v1", seed, atari=False)
+            expected[(variant or f"dqn-{pen}", scale, "CartPole-v1", seed)] = rets
+    return root, expected
+
+
+@pytest.fixture(scope="module")
+def plotted(runs_dir, tmp_path_factory):
+    root, _ = runs_dir
+    return plot_runs(root, reps=200)
+
+
+def read_summary(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_files_exist_and_are_non_empty(plotted, runs_dir):
+    root, _ = runs_dir
+    out = root / "plots"
+    assert plotted.out_dir == str(out)
+    for stem in ("learning_curves", "aggregate_iqm", "scaling"):
+        png = (out / f"{stem}.png").read_bytes()
+        pdf = (out / f"{stem}.pdf").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+        assert pdf.startswith(b"%PDF") and len(pdf) > 2_000
+    assert (out / "summary.csv").stat().st_size > 0
+    assert plotted.num_runs == 18 + 6
+    assert plotted.metric == "train"
+
+
+def test_summary_final_scores_match_metrics(plotted, runs_dir):
+    _, expected = runs_dir
+    rows = read_summary(plotted.summary_csv)
+    assert list(rows[0]) == plots.SUMMARY_COLUMNS
+    run_rows = [r for r in rows if r["level"] == "run"]
+    assert len(run_rows) == len(expected)
+    for row in run_rows:
+        scale = int(row["scale"])
+        rets = [v for v in expected[(row["variant"], scale, row["game"], int(row["seed"]))]
+                if v is not None]
+        last_n = max(1, ITERS // 10)
+        assert int(row["last_n"]) == last_n
+        want = float(np.mean(rets[-last_n:]))
+        assert float(row["final_score"]) == want
+        if row["game"] == "CartPole-v1":
+            assert row["hns"] == ""
+        else:
+            assert float(row["hns"]) == pytest.approx(human_normalized_score(row["game"], want))
+
+
+def test_summary_with_explicit_last_n(runs_dir, tmp_path):
+    root, expected = runs_dir
+    result = plot_runs(root, tmp_path / "p", last_n=3, reps=100)
+    rows = read_summary(result.summary_csv)
+    for row in (r for r in rows if r["level"] == "run"):
+        rets = [v for v in expected[(row["variant"], int(row["scale"]), row["game"],
+                                     int(row["seed"]))] if v is not None]
+        assert float(row["final_score"]) == float(np.mean(rets[-3:]))
+    games = [r for r in rows if r["level"] == "game"]
+    pong_dense = next(r for r in games if r["game"] == "pong" and r["variant"] == "dqn-dense")
+    seeds = [np.mean([v for v in expected[("dqn-dense", 1, "pong", s)] if v is not None][-3:])
+             for s in SEEDS]
+    assert float(pong_dense["final_score"]) == pytest.approx(np.mean(seeds))
+    assert int(pong_dense["num_runs"]) == 3
+    assert float(pong_dense["ci_low"]) < float(pong_dense["final_score"]) < float(
+        pong_dense["ci_high"])
+    aggs = [r for r in rows if r["level"] == "aggregate"]
+    assert {r["series"] for r in aggs} == {"dqn-dense", "softmoe (scale 2)", "softmoe (scale 8)"}
+    assert all(r["game"] == "atari" and int(r["num_runs"]) == 6 for r in aggs)
+    assert all(float(r["ci_low"]) <= float(r["iqm"]) <= float(r["ci_high"]) for r in aggs)
+
+
+def test_colour_map_is_fixed_and_consistent(plotted, runs_dir):
+    cmap = plots.color_map(["b", "a", "c", "a"])
+    tab10 = colormaps["tab10"]
+    assert cmap == {"a": tuple(tab10(0)), "b": tuple(tab10(1)), "c": tuple(tab10(2))}
+    assert plots.color_map(["c", "b", "a"]) == cmap
+    root, _ = runs_dir
+    runs = plots.load_runs(root)
+    labels = {r.series for r in runs}
+    assert labels == {"dqn-dense", "softmoe (scale 2)", "softmoe (scale 8)"}
+    colors = plotted.colors
+    for label in labels:
+        assert colors[label] == plots.color_map(colors)[label]
+    fig = plots.learning_curves_figure(runs, colors, "train")
+    seen = 0
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            assert tuple(matplotlib_rgba(line.get_color())) == colors[line.get_label()]
+            seen += 1
+    assert seen == 3 + 3 + 2  # pong, breakout: 3 series; CartPole: 2
+    # The learning curves of one game hold one line per series with frames on x.
+    pong_ax = next(ax for ax in fig.axes if ax.get_title().startswith("pong"))
+    assert pong_ax.get_xlabel() == "frames (millions)"
+    cart_ax = next(ax for ax in fig.axes if ax.get_title().startswith("CartPole"))
+    assert cart_ax.get_xlabel() == "agent steps"
+    x = pong_ax.get_lines()[0].get_xdata()
+    np.testing.assert_allclose(x, [4 * 1000 * (i + 1) / 1e6 for i in range(ITERS)])
+
+
+def matplotlib_rgba(c):
+    from matplotlib.colors import to_rgba
+    return to_rgba(c)
+
+
+def test_scaling_lines_per_penultimate_type(runs_dir):
+    root, _ = runs_dir
+    runs = plots.load_runs(root)
+    panels = plots.scaling_points(runs, "train", None, reps=100, seed=0, notes=[])
+    atari = panels["Atari: IQM human-normalised score"]
+    assert sorted((p[0], p[1]) for p in atari) == [
+        ("dqn-dense", 1), ("dqn-softmoe", 2), ("dqn-softmoe", 8)]
+    assert next(p for p in atari if p[1] == 8)[2] == 754_482
+    cart = panels["CartPole-v1: mean return (raw)"]
+    assert sorted(p[1] for p in cart) == [1, 2]
+
+
+def test_eval_only_runs_use_eval_returns(tmp_path):
+    for seed in SEEDS:
+        write_run(tmp_path, None, "dense", 1, 100, "CartPole-v1", seed, atari=False,
+                  eval_only=True)
+    result = plot_runs(tmp_path, reps=50)
+    assert result.metric == "eval"
+    assert any("aggregate_iqm: skipped" in n for n in result.notes)
+    assert not (tmp_path / "plots" / "aggregate_iqm.png").exists()
+    rows = read_summary(result.summary_csv)
+    assert all(r["final_score"] != "" for r in rows if r["level"] in ("run", "game"))
+
+
+def test_no_runs_raises_plot_error(tmp_path):
+    with pytest.raises(PlotError, match="no metrics.jsonl found"):
+        plot_runs(tmp_path)
+    with pytest.raises(PlotError, match="does not exist"):
+        plot_runs(tmp_path / "missing")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"iteration": 0, "trai')
+    with pytest.raises(PlotError, match="no usable runs"):
+        plot_runs(tmp_path)
+    with pytest.raises(PlotError, match="last_n"):
+        plot_runs(tmp_path, last_n=0)

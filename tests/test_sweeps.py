@@ -1,0 +1,383 @@
+"""Tests for experiments.sweeps: spec loading, expansion, dry runs and execution.
+
+Execution tests use a tiny fake trainer script (written into tmp_path) in place of
+``moerl train``; the real end-to-end CartPole sweep lives with the CLI tests.
+"""
+
+import io
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+
+from experiments import sweeps
+from experiments.sweeps import SweepError, expand, gin_literal, load_spec, run_sweep
+
+FAKE_TRAINER = textwrap.dedent('''
+    """Mimics `moerl train`: --base_dir, --gin_files, --gin_bindings (repeatable)."""
+    import argparse, json, os, sys
+    p = argparse.ArgumentParser()
+    p.add_argument("--base_dir", required=True)
+    p.add_argument("--gin_files", action="append", default=[])
+    p.add_argument("--gin_bindings", action="append", default=[])
+    a = p.parse_args()
+    os.makedirs(a.base_dir, exist_ok=True)
+    with open(os.path.join(a.base_dir, "invocations.txt"), "a") as fh:
+        fh.write(json.dumps(a.gin_bindings) + "\\n")
+    print("starting", a.base_dir, flush=True)
+    def status(state, error=None):
+        with open(os.path.join(a.base_dir, "status.json"), "w") as fh:
+            json.dump({"state": state, "error": error, "iteration": 0}, fh)
+    status("running")
+    if any("bad" in b for b in a.gin_bindings):
+        status("failed", "ValueError: bad value")
+        print("error: the binding is bad; fix it", file=sys.stderr)
+        sys.exit(1)
+    with open(os.path.join(a.base_dir, "metrics.jsonl"), "a") as fh:
+        fh.write(json.dumps({"iteration": 0, "train_episode_return_mean": 1.0}) + "\\n")
+    status("done")
+''')
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def gin_dir(tmp_path):
+    (tmp_path / "a.gin").write_text("# a\n")
+    (tmp_path / "b.gin").write_text("# b\n")
+    return tmp_path
+
+
+@pytest.fixture
+def fake_trainer(tmp_path):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAINER)
+    return (sys.executable, str(script))
+
+
+def invocations(run_dir):
+    path = run_dir / "invocations.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+FULL_SPEC = """
+    name = "full"
+    gin_files = ["a.gin"]
+    bindings = ["Runner.num_iterations = 2"]
+    games = ["Pong", "Breakout"]
+    seeds = [0, 1, 2]
+    [grid]
+    "Runner.flag" = [true, false]
+    [[zip]]
+    "SoftMoE.num_experts" = [1, 2, 4, 8]
+    "SoftMoE.expert_hidden_units" = [512, 256, 128, 64]
+    [[variants]]
+    name = "dense"
+    gin_files = ["b.gin"]
+    [[variants]]
+    name = "softmoe"
+    bindings = ["SoftMoE.normalize = True"]
+"""
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def test_expansion_counts_grid_zip_games_seeds_variants(gin_dir):
+    spec = load_spec(write(gin_dir / "s.toml", FULL_SPEC))
+    runs = expand(spec)
+    # grid 2 x zip 4 x games 2 x seeds 3 x variants 2
+    assert len(runs) == 2 * 4 * 2 * 3 * 2
+    assert len({r.name for r in runs}) == len(runs)
+    dense = [r for r in runs if r.variant == "dense"]
+    soft = [r for r in runs if r.variant == "softmoe"]
+    assert len(dense) == len(soft) == 48
+    assert all(r.gin_files == (str(gin_dir / "b.gin"),) for r in dense)
+    assert all(r.gin_files == (str(gin_dir / "a.gin"),) for r in soft)
+    assert all("SoftMoE.normalize = True" in r.bindings for r in soft)
+    assert not any("SoftMoE.normalize = True" in r.bindings for r in dense)
+    assert all(r.bindings[0] == "Runner.num_iterations = 2" for r in runs)
+
+
+def test_zipped_axes_move_together(gin_dir):
+    spec = load_spec(write(gin_dir / "s.toml", FULL_SPEC))
+    pairs = {(r.axes["SoftMoE.num_experts"], r.axes["SoftMoE.expert_hidden_units"])
+             for r in expand(spec)}
+    assert pairs == {(1, 512), (2, 256), (4, 128), (8, 64)}
+
+
+def test_default_names_and_bindings(gin_dir):
+    spec = load_spec(write(gin_dir / "s.toml", FULL_SPEC))
+    run = expand(spec)[0]
+    assert run.name == "Pong/dense/flag=True,num_experts=1,expert_hidden_units=512/seed0"
+    assert run.bindings == (
+        "Runner.num_iterations = 2", "Runner.flag = True", "SoftMoE.num_experts = 1",
+        "SoftMoE.expert_hidden_units = 512", "create_atari_environment.game_name = 'Pong'",
+        "Runner.seed = 0")
+    assert (run.game, run.seed, run.variant) == ("Pong", 0, "dense")
+
+
+def test_name_template_with_short_names(gin_dir):
+    spec = load_spec(write(gin_dir / "s.toml", """
+        name = "t"
+        gin_files = ["a.gin"]
+        games = ["Pong"]
+        seeds = [0, 1]
+        name_template = "{game}/e{num_experts}/{seed}"
+        game_binding = "Env.game"
+        seed_binding = "Run.seed"
+        [grid]
+        "SoftMoE.num_experts" = [1, 2]
+    """))
+    runs = expand(spec)
+    assert [r.name for r in runs] == ["Pong/e1/0", "Pong/e1/1", "Pong/e2/0", "Pong/e2/1"]
+    assert "Env.game = 'Pong'" in runs[0].bindings and "Run.seed = 1" in runs[1].bindings
+
+
+def test_names_are_filesystem_safe(gin_dir):
+    spec = load_spec(write(gin_dir / "s.toml", """
+        name = "t"
+        gin_files = ["a.gin"]
+        name_template = "{opt}"
+        [grid]
+        "Agent.opt" = ["a b", "../x", "c:d"]
+    """))
+    names = [r.name for r in expand(spec)]
+    assert names == ["a_b", "__/x", "c_d"]
+
+
+def test_gin_literals():
+    assert gin_literal(True) == "True" and gin_literal(False) == "False"
+    assert gin_literal(3) == "3" and gin_literal(0.5) == "0.5" and gin_literal(1e-4) == "0.0001"
+    assert gin_literal("Pong") == "'Pong'"
+    assert gin_literal("it's") == '"it\'s"'
+    assert gin_literal("@networks.NatureCNN") == "@networks.NatureCNN"
+    assert gin_literal("%GAME") == "%GAME"
+    assert gin_literal([1, "a", True]) == "[1, 'a', True]"
+    assert gin_literal({"k": 2}) == "{'k': 2}"
+
+
+def test_variant_axes_and_variant_binding(gin_dir):
+    spec = load_spec(write(gin_dir / "s.toml", """
+        name = "scaling"
+        gin_files = ["a.gin"]
+        seeds = [0]
+        variant_binding = "Runner.variant"
+        [[variants]]
+        name = "dense"
+        [variants.grid]
+        "DenseBlock.width_scale" = [1, 2, 4]
+        [[variants]]
+        name = "softmoe"
+        [variants.grid]
+        "SoftMoE.num_experts" = [1, 2, 4, 8]
+    """))
+    runs = expand(spec)
+    assert len(runs) == 7
+    assert runs[0].name == "dense/width_scale=1/seed0"
+    assert "Runner.variant = 'dense'" in runs[0].bindings
+    assert "Runner.variant = 'softmoe'" in runs[-1].bindings
+
+
+def test_validate_binding_called_on_every_distinct_binding(gin_dir):
+    spec = load_spec(write(gin_dir / "s.toml", FULL_SPEC))
+    seen = []
+    expand(spec, validate_binding=seen.append)
+    assert len(seen) == len(set(seen))
+    assert "SoftMoE.num_experts = 8" in seen and "Runner.seed = 2" in seen
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('name = "x"\ngin_files = ["a.gin"\n', "not valid TOML"),
+    ('name = "x"\ngin_files = ["a.gin"]\nbogus = 1\n', "unknown top-level key"),
+    ('name = "x"\ngin_files = ["a.gin"]\n[grid]\n"A.b" = 3\n', "must be a list"),
+    ('name = "x"\ngin_files = ["a.gin"]\n[grid]\n"A.b" = []\n', "zero runs"),
+    ('name = "x"\ngin_files = ["a.gin"]\nseeds = []\n', "zero runs"),
+    ('name = "x"\ngin_files = ["a.gin"]\n[[zip]]\n"A.b" = [1, 2]\n"A.c" = [1]\n',
+     "unequal lengths"),
+    ('name = "x"\ngin_files = ["missing.gin"]\n', "was not found"),
+    ('gin_files = ["a.gin"]\n', "'name' is missing"),
+    ('name = "x"\ngin_files = ["a.gin"]\nname_template = "{nope}"\n', "unknown field {nope}"),
+    ('name = "x"\ngin_files = ["a.gin"]\nname_template = "same"\nseeds = [0, 1]\n',
+     "more than one run"),
+    ('name = "x"\ngin_files = ["a.gin"]\n[grid]\n"A.b" = [1]\n[[zip]]\n"A.b" = [2]\n',
+     "more than one axis table"),
+])
+def test_bad_specs_raise_sweep_error(gin_dir, text, fragment):
+    path = gin_dir / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(SweepError) as info:
+        expand(load_spec(path))
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_malformed_toml_reports_line(gin_dir):
+    path = gin_dir / "bad.toml"
+    path.write_text('name = "x"\n\ngin_files = [\n"a.gin",,\n]\n')
+    with pytest.raises(SweepError, match=r"line 4"):
+        load_spec(path)
+
+
+def test_empty_grid_gives_zero_runs(gin_dir):
+    path = write(gin_dir / "s.toml", """
+        name = "x"
+        gin_files = ["a.gin"]
+        [[zip]]
+    """)
+    with pytest.raises(SweepError, match="empty"):
+        load_spec(path)
+
+
+def test_unknown_axis_parameter_via_validate_binding(gin_dir, fake_trainer, tmp_path):
+    path = write(gin_dir / "s.toml", """
+        name = "x"
+        gin_files = ["a.gin"]
+        [grid]
+        "SoftMoE.num_expertz" = [1, 2]
+    """)
+
+    def validate(binding):
+        if "num_expertz" in binding:
+            raise ValueError("No configurable matching 'SoftMoE.num_expertz'")
+
+    with pytest.raises(SweepError, match="unknown axis parameter 'SoftMoE.num_expertz'"):
+        expand(load_spec(path), validate_binding=validate)
+    out = tmp_path / "out"
+    with pytest.raises(SweepError):
+        run_sweep(path, out, command_prefix=fake_trainer, validate_binding=validate)
+    assert not out.exists()  # nothing started, nothing written
+
+
+def test_dry_run_prints_plan_and_creates_nothing(gin_dir, tmp_path):
+    path = write(gin_dir / "s.toml", FULL_SPEC)
+    out = tmp_path / "out"
+    stream = io.StringIO()
+    result = run_sweep(path, out, dry_run=True, stream=stream,
+                       command_prefix=("definitely-not-a-command",))
+    text = stream.getvalue()
+    assert result.dry_run and not result.done and not result.failed
+    assert len(result.runs) == 96
+    assert "96 run(s)" in text
+    assert "Pong/dense/flag=True,num_experts=1,expert_hidden_units=512/seed0" in text
+    assert "SoftMoE.num_experts = 8" in text
+    assert not out.exists()
+
+
+def test_foreign_out_dir_is_refused(gin_dir, fake_trainer, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"sweep": "other", "runs": []}))
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0]\n')
+    with pytest.raises(SweepError, match="holds sweep 'other'"):
+        run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
+    (out / "manifest.json").unlink()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SweepError, match="not empty"):
+        run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
+
+
+def test_missing_command_is_a_sweep_error(gin_dir, tmp_path):
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
+    with pytest.raises(SweepError, match="not found on PATH"):
+        run_sweep(path, tmp_path / "out", command_prefix=("no-such-moerl-binary", "train"),
+                  stream=io.StringIO())
+
+
+# --------------------------------------------------------------------------- execution
+
+EXEC_SPEC = """
+    name = "exec"
+    gin_files = ["a.gin"]
+    seeds = [0, 1]
+    name_template = "{mode}/seed{seed}"
+    game_binding = "Env.game"
+    [grid]
+    "Fake.mode" = ["ok", "bad", "fine"]
+"""
+
+
+def test_local_sweep_two_workers_failure_and_rerun(gin_dir, fake_trainer, tmp_path):
+    path = write(gin_dir / "s.toml", EXEC_SPEC)
+    out = tmp_path / "out"
+    stream = io.StringIO()
+    result = run_sweep(path, out, workers=2, command_prefix=fake_trainer, stream=stream)
+    assert sorted(o.name for o in result.done) == [
+        "fine/seed0", "fine/seed1", "ok/seed0", "ok/seed1"]
+    assert [o.name for o in result.failed] == ["bad/seed0", "bad/seed1"]
+    assert all("the binding is bad" in o.reason and "exit 1" in o.reason
+               for o in result.failed)
+    assert not result.skipped and not result.ok
+    text = stream.getvalue()
+    closing = text[text.index("run "):]
+    assert "bad/seed0" in closing and "failed" in closing and "the binding is bad" in closing
+    assert "4 done, 2 failed, 0 skipped, 6 total" in text
+    # one progress line per finished run (stream is not a TTY)
+    assert text.count("[") >= 6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sweep"] == "exec" and len(manifest["runs"]) == 6
+    assert manifest["runs"][0]["bindings"][-1] == "Runner.seed = 0"
+    for name in ("ok/seed0", "bad/seed1"):
+        log = (out / name / "sweep.log").read_text()
+        assert "starting" in log and "--base_dir" in log
+        assert len(invocations(out / name)) == 1
+
+    # Rerun: finished runs are skipped, failed ones are retried.
+    result2 = run_sweep(path, out, workers=2, command_prefix=fake_trainer,
+                        stream=io.StringIO())
+    assert sorted(o.name for o in result2.skipped) == [
+        "fine/seed0", "fine/seed1", "ok/seed0", "ok/seed1"]
+    assert [o.name for o in result2.failed] == ["bad/seed0", "bad/seed1"]
+    assert len(invocations(out / "ok/seed0")) == 1
+    assert len(invocations(out / "bad/seed0")) == 2
+
+
+def test_changed_spec_with_same_name_is_refused(gin_dir, fake_trainer, tmp_path):
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0]\n'
+                                     'name_template = "r{seed}"\n')
+    out = tmp_path / "out"
+    assert run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO()).ok
+    # Adding a seed is fine and only runs the new one.
+    write(path, 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0, 1]\nname_template = "r{seed}"\n')
+    result = run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
+    assert [o.name for o in result.skipped] == ["r0"] and [o.name for o in result.done] == ["r1"]
+    # Changing what run r0 means is refused.
+    write(path, 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0]\nname_template = "r{seed}"\n'
+                'bindings = ["A.b = 1"]\n')
+    with pytest.raises(SweepError, match="other gin files or bindings"):
+        run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
+
+
+def test_ray_backend_runs_the_same_sweep(gin_dir, fake_trainer, tmp_path):
+    ray = pytest.importorskip("ray")
+    path = write(gin_dir / "s.toml", EXEC_SPEC)
+    out = tmp_path / "out"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_sweep(path, out, backend="ray", workers=2, command_prefix=fake_trainer,
+                           stream=io.StringIO())
+    finally:
+        ray.shutdown()
+    assert sorted(o.name for o in result.done) == [
+        "fine/seed0", "fine/seed1", "ok/seed0", "ok/seed1"]
+    assert sorted(o.name for o in result.failed) == ["bad/seed0", "bad/seed1"]
+    assert all("the binding is bad" in o.reason for o in result.failed)
+    for name in ("ok/seed0", "fine/seed1"):
+        assert json.loads((out / name / "status.json").read_text())["state"] == "done"
+        assert (out / name / "sweep.log").stat().st_size > 0
+
+
+def test_run_spec_command():
+    run = sweeps.RunSpec("r", ("a.gin", "b.gin"), ("A.x = 1", "B.y = 'z'"), None, None, None, {})
+    assert run.command("/o/r") == [
+        "moerl", "train", "--base_dir", "/o/r", "--gin_files", "a.gin", "--gin_files", "b.gin",
+        "--gin_bindings", "A.x = 1", "--gin_bindings", "B.y = 'z'"]
