@@ -33,6 +33,7 @@ import optax
 from agents import losses
 from agents.frame_stack import FrameStacker
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
+from networks.expert_metrics import expert_metrics
 from networks.q_network import NetworkOutput, QNetwork
 
 
@@ -141,6 +142,8 @@ def make_train_step(network: QNetwork, optimizer, td_loss: Callable, *,
     rng, step_rng = jax.random.split(state.rng)
     grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(
         state.online_params, state, batch, step_rng)
+    if diagnostics_fn is not None:
+      metrics.update(router_gradient_norm(grads))
     updates, opt_state = optimizer.update(grads, state.opt_state,
                                           state.online_params)
     online = optax.apply_updates(state.online_params, updates)
@@ -151,6 +154,15 @@ def make_train_step(network: QNetwork, optimizer, td_loss: Callable, *,
                          opt_state=opt_state, step=step, rng=rng), metrics
 
   return train_step
+
+
+def router_gradient_norm(grads) -> Dict[str, jax.Array]:
+  """Norm of the routing parameters' gradient (Soft MoE phi, router Dense)."""
+  routing = grads.get('penultimate', {})
+  leaves = [routing[k] for k in ('phi', 'router') if k in routing]
+  if not leaves:
+    return {}
+  return {'moe/router_grad_norm': optax.global_norm(leaves)}
 
 
 def fuse_train_steps(train_step):
@@ -188,7 +200,7 @@ class DQNAgent:
                batch_size: int = 32,
                replay_scheme: str = 'uniform',
                double_dqn: bool = False,
-               diagnostics_fn: Optional[Callable] = None):
+               log_expert_metrics: bool = True):
     if loss_type not in losses.LOSSES:
       raise ValueError(f"DQNAgent.loss_type='{loss_type}' is unknown: use one "
                        f"of {', '.join(losses.LOSSES)}.")
@@ -248,7 +260,7 @@ class DQNAgent:
         functools.partial(self._td_loss, losses.LOSSES[loss_type]),
         target_update_every=max(1, target_update_period // update_period),
         double_dqn=double_dqn, prioritized=self._prioritized,
-        diagnostics_fn=diagnostics_fn)
+        diagnostics_fn=expert_metrics if log_expert_metrics else None)
     self.train_step = jax.jit(train_step, donate_argnums=0)
     self.train_steps = jax.jit(fuse_train_steps(train_step), donate_argnums=0)
     self.training_steps = 0  # agent steps seen while training (all envs)
@@ -332,13 +344,18 @@ class DQNAgent:
   def pop_metrics(self) -> Dict[str, float]:
     """Means of the train-step metrics since the last call ({} if none).
 
-    Scalars become floats; vector metrics (per-expert values) become lists.
+    Per-expert vectors become one key per expert (`moe/expert_share_3`).
     """
     if self._metric_sums is None:
       return {}
     sums = jax.device_get(self._metric_sums)
-    means = {k: np.asarray(v) / self._metric_count for k, v in sums.items()}
-    means = {k: float(v) if v.ndim == 0 else v.tolist() for k, v in means.items()}
+    means = {}
+    for key, value in sums.items():
+      value = np.asarray(value) / self._metric_count
+      if value.ndim == 0:
+        means[key] = float(value)
+      else:  # per-expert vectors -> one scalar per expert
+        means.update({f'{key}_{i}': float(v) for i, v in enumerate(value)})
     self._metric_sums, self._metric_count = None, 0
     return means
 

@@ -5,7 +5,7 @@
   moerl params --gin_files F [--gin_bindings B]... [--num_actions 18] [--json]
   moerl sweep  SPEC --out DIR [--workers N] [--backend local|ray] [--dry_run]
   moerl plot   DIR [--out OUT]
-  moerl bench  [--networks] [--json]
+  moerl bench  [--networks] [--agent] [--envs] [--quick] [--json]
 
 Exit codes: 0 success, 1 a run failed, 2 bad input (one line on stderr, no
 traceback, nothing on disk damaged), 130 interrupted.
@@ -113,6 +113,47 @@ def cmd_params(args) -> int:
   return EXIT_OK
 
 
+def cmd_sweep(args) -> int:
+  from experiments import gin_config, sweeps  # pylint: disable=g-import-not-at-top
+  if args.workers < 1:
+    raise UsageError(f'--workers={args.workers} must be >= 1.')
+  try:
+    result = sweeps.run_sweep(
+        args.spec, args.out, workers=args.workers, backend=args.backend,
+        ray_address=args.ray_address, dry_run=args.dry_run,
+        command_prefix=(sys.executable, '-m', 'experiments.cli', 'train'),
+        validate_binding=gin_config.validate_binding,
+        cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
+  except sweeps.SweepError as e:
+    raise UsageError(str(e)) from None
+  return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def cmd_plot(args) -> int:
+  from experiments import plots  # pylint: disable=g-import-not-at-top
+  try:
+    result = plots.plot_runs(args.dir, args.out, last_n=args.last_n)
+  except plots.PlotError as e:
+    raise UsageError(str(e)) from None
+  for note in result.notes:
+    print(f'note: {note}', file=sys.stderr)
+  print(f'{result.num_runs} runs plotted ({result.metric} returns); wrote:')
+  for path in result.files:
+    print(f'  {path}')
+  return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+  from experiments import bench  # pylint: disable=g-import-not-at-top
+  results = bench.run(sections=args.sections, quick=args.quick,
+                      stream=sys.stderr)
+  if args.json:
+    print(json.dumps(results, indent=2))
+  else:
+    print(bench.format_report(results))
+  return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='moerl', description='Mixtures of Experts in deep RL value networks.')
@@ -139,6 +180,36 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--num_actions', type=int, default=18)
   p.add_argument('--json', action='store_true')
   p.set_defaults(func=cmd_params)
+
+  p = sub.add_parser('sweep', help='run a grid of experiments from a TOML spec')
+  p.add_argument('spec', help='sweep spec (.toml); shipped specs live in configs/sweeps/')
+  p.add_argument('--out', required=True, help='directory holding one run per grid point')
+  p.add_argument('--workers', type=int, default=1, help='runs executed concurrently')
+  p.add_argument('--backend', choices=('local', 'ray'), default='local')
+  p.add_argument('--ray_address', default=None,
+                 help="existing Ray cluster (e.g. 'auto'); default starts a local Ray")
+  p.add_argument('--cpus_per_run', type=float, default=1.0)
+  p.add_argument('--gpus_per_run', type=float, default=0.0)
+  p.add_argument('--dry_run', action='store_true', help='print the plan, run nothing')
+  p.set_defaults(func=cmd_sweep)
+
+  p = sub.add_parser('plot', help='learning and scaling curves from runs under DIR')
+  p.add_argument('dir')
+  p.add_argument('--out', default=None, help='output directory (default DIR/plots)')
+  p.add_argument('--last_n', type=int, default=None,
+                 help='iterations averaged for final scores (default 10%% of a run)')
+  p.set_defaults(func=cmd_plot)
+
+  p = sub.add_parser('bench', help='speed and memory figures on this machine')
+  p.add_argument('--networks', dest='sections', action='append_const',
+                 const='networks', help='update cost per penultimate type')
+  p.add_argument('--agent', dest='sections', action='append_const',
+                 const='agent', help='end-to-end Dopamine protocol and replay')
+  p.add_argument('--envs', dest='sections', action='append_const',
+                 const='envs', help='environment steps/s, single and vector')
+  p.add_argument('--quick', action='store_true', help='fewer repetitions')
+  p.add_argument('--json', action='store_true')
+  p.set_defaults(func=cmd_bench)
   return parser
 
 

@@ -35,6 +35,7 @@ STATUS_FILE = "status.json"
 CHECKPOINT_DIR = "checkpoints"
 
 # Entries whose presence marks a directory as a moerl run.
+SWEEP_LOG = "sweep.log"
 _RUN_MARKERS = (CONFIG_FILE, STATUS_FILE, METRICS_FILE)
 STATES = ("running", "done", "failed")
 
@@ -152,7 +153,8 @@ class RunDir:
         raise RunDirError(
             f"--base_dir {base} cannot be read ({e.strerror}); "
             "fix its permissions or use a different --base_dir.") from None
-      if entries and not any(m in entries for m in _RUN_MARKERS):
+      # `moerl sweep` creates a run's directory with its sweep.log first.
+      if (set(entries) - {SWEEP_LOG}) and not any(m in entries for m in _RUN_MARKERS):
         raise RunDirError(
             f"--base_dir {base} is a foreign directory (not empty and not a moerl "
             "run); use a new or empty --base_dir.")

@@ -28,6 +28,9 @@ class ExpertChoiceMoE(nn.Module):
   def __post_init__(self):
     check_expert_args('ExpertChoiceMoE', self.num_experts,
                       self.expert_hidden_units, self.capacity_factor)
+    if self.router_noise_std < 0:
+      raise ValueError(f'ExpertChoiceMoE.router_noise_std='
+                       f'{self.router_noise_std} must be >= 0.')
     super().__post_init__()
 
   def capacity(self, num_tokens: int) -> int:

@@ -1,6 +1,7 @@
 """The Q-network: encoder -> tokenizer -> penultimate -> head.
 
-Configured from gin by name (`QNetwork.encoder`, `.tokenizer`, `.penultimate`);
+Configured from gin by name (`QNetwork.encoder`, `.tokenizer`, `.penultimate`,
+bound on the constructor function `QNetwork`);
 each component's own hyperparameters are bound on its class (for example
 `SoftMoE.num_experts = 8`). Head options come from the agent that builds the
 network (`num_actions`, `num_atoms`, `v_min`, `v_max`, `dueling`, `noisy`).
@@ -38,32 +39,49 @@ def _choose(registry: dict, kind: str, name: str):
 
 
 @gin.configurable
-class QNetwork(nn.Module):
+def QNetwork(num_actions: int, *, encoder: str = 'nature_cnn',  # pylint: disable=invalid-name
+             tokenizer: str = 'per_conv', penultimate: str = 'dense',
+             num_atoms: int = 1, v_min: float = -10.0, v_max: float = 10.0,
+             dueling: bool = False, noisy: bool = False) -> 'QNetworkModule':
+  """Builds the Q-network module from component names.
+
+  A constructor function named like the class it builds, so that code and gin
+  say `QNetwork` alike.
+
+  Each component is constructed here, once, so its gin-bound hyperparameters
+  are resolved at build time: the returned network no longer depends on the
+  global gin state (later traces, clones and `gin.clear_config()` are safe).
+  """
+  if num_actions < 1 or num_atoms < 1:
+    raise ValueError(f'QNetwork: num_actions={num_actions} and '
+                     f'num_atoms={num_atoms} must be >= 1.')
+  if num_atoms > 1 and not v_min < v_max:
+    raise ValueError(f'QNetwork: v_min={v_min} must be below v_max={v_max}.')
+  return QNetworkModule(
+      num_actions=num_actions,
+      encoder=_choose(ENCODERS, 'encoder', encoder)(parent=None),
+      tokenizer=_choose(TOKENIZERS, 'tokenizer', tokenizer)(parent=None),
+      penultimate=_choose(PENULTIMATES, 'penultimate', penultimate)(parent=None),
+      penultimate_name=penultimate, num_atoms=num_atoms, v_min=v_min,
+      v_max=v_max, dueling=dueling, noisy=noisy)
+
+
+class QNetworkModule(nn.Module):
+  """encoder -> tokenizer -> penultimate -> head; build it with `QNetwork`."""
   num_actions: int
-  encoder: str = 'nature_cnn'
-  tokenizer: str = 'per_conv'
-  penultimate: str = 'dense'
+  encoder: nn.Module
+  tokenizer: nn.Module
+  penultimate: nn.Module
+  penultimate_name: str = 'dense'
   num_atoms: int = 1
   v_min: float = -10.0
   v_max: float = 10.0
   dueling: bool = False
   noisy: bool = False
 
-  def __post_init__(self):
-    _choose(ENCODERS, 'encoder', self.encoder)
-    _choose(TOKENIZERS, 'tokenizer', self.tokenizer)
-    _choose(PENULTIMATES, 'penultimate', self.penultimate)
-    if self.num_actions < 1 or self.num_atoms < 1:
-      raise ValueError(f'QNetwork: num_actions={self.num_actions} and '
-                       f'num_atoms={self.num_atoms} must be >= 1.')
-    if self.num_atoms > 1 and not self.v_min < self.v_max:
-      raise ValueError(f'QNetwork: v_min={self.v_min} must be below '
-                       f'v_max={self.v_max}.')
-    super().__post_init__()
-
   @property
   def is_moe(self) -> bool:
-    return self.penultimate in MOE_PENULTIMATES
+    return self.penultimate_name in MOE_PENULTIMATES
 
   @property
   def support(self) -> jax.Array:
@@ -78,12 +96,14 @@ class QNetwork(nn.Module):
     `scale` is the x-axis of scaling curves: `num_experts` for MoE layers,
     `width_scale` for the dense baseline, 1 otherwise.
     """
-    layer = PENULTIMATES[self.penultimate](parent=None)  # unbound, from gin
-    num_experts = getattr(layer, 'num_experts', None)
+    num_experts = getattr(self.penultimate, 'num_experts', None)
     scale = num_experts if num_experts is not None else getattr(
-        layer, 'width_scale', 1)
-    return {'encoder': self.encoder, 'tokenizer': self.tokenizer,
-            'penultimate': self.penultimate, 'num_experts': num_experts,
+        self.penultimate, 'width_scale', 1)
+    encoder = next(k for k, v in ENCODERS.items() if isinstance(self.encoder, v))
+    tokenizer = next(k for k, v in TOKENIZERS.items()
+                     if isinstance(self.tokenizer, v))
+    return {'encoder': encoder, 'tokenizer': tokenizer,
+            'penultimate': self.penultimate_name, 'num_experts': num_experts,
             'scale': scale}
 
   @nn.compact
@@ -95,17 +115,17 @@ class QNetwork(nn.Module):
     training calls need an rng stream 'noise' when either is on.
     `expert_mask` [B, experts] scales each expert's output (MoE layers only).
     """
-    feature_map = ENCODERS[self.encoder](name='encoder')(observations)  # [B, H, W, C]
-    tokens = TOKENIZERS[self.tokenizer](name='tokenizer')(feature_map)  # [B, T, d]
-    layer = PENULTIMATES[self.penultimate](name='penultimate')
+    feature_map = self.encoder(observations)  # [B, H, W, C]
+    tokens = self.tokenizer(feature_map)  # [B, T, d]
     if expert_mask is not None:
       if not self.is_moe:
         raise ValueError(f"expert_mask needs an MoE penultimate layer, not "
-                         f"'{self.penultimate}'.")
-      features, diagnostics = layer(tokens, deterministic=deterministic,
-                                    expert_mask=expert_mask)
+                         f"'{self.penultimate_name}'.")
+      features, diagnostics = self.penultimate(
+          tokens, deterministic=deterministic, expert_mask=expert_mask)
     else:
-      features, diagnostics = layer(tokens, deterministic=deterministic)
+      features, diagnostics = self.penultimate(tokens,
+                                               deterministic=deterministic)
     features = features.reshape((features.shape[0], -1))  # [B, F]
     logits = QHead(self.num_actions, self.num_atoms, self.dueling, self.noisy,
                    name='head')(features, deterministic=deterministic)  # [B, A, N]

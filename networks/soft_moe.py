@@ -59,20 +59,21 @@ class SoftMoE(nn.Module):
     e, s = self.num_experts, self.num_slots(num_tokens)
     phi = self.param('phi', nn.initializers.normal(stddev=dim ** -0.5),
                      (dim, e, s))  # [d, E, S]
+    flat_phi = phi.reshape((dim, e * s))  # [d, E*S]
     if self.normalization:
       scale = self.param('scale', nn.initializers.ones, ())
-      logits = jnp.einsum('btd,des->btes', _l2_normalize(tokens, -1),
-                          scale * _l2_normalize(phi, 0))
+      logits = _l2_normalize(tokens, -1) @ (scale * _l2_normalize(flat_phi, 0))
     else:
-      logits = jnp.einsum('btd,des->btes', tokens, phi)  # [B, T, E, S]
-    dispatch = jax.nn.softmax(logits, axis=1)  # [B, T, E, S], sums to 1 over T
-    combine = jax.nn.softmax(
-        logits.reshape(logits.shape[0], num_tokens, e * s), axis=-1
-    ).reshape(logits.shape)  # [B, T, E, S], sums to 1 over (E, S)
-    slot_inputs = jnp.einsum('btes,btd->besd', dispatch, tokens)  # [B, E, S, d]
+      logits = tokens @ flat_phi  # [B, T, E*S]
+    dispatch = jax.nn.softmax(logits, axis=1)  # [B, T, E*S], sums to 1 over T
+    combine = jax.nn.softmax(logits, axis=-1)  # [B, T, E*S], sums to 1 over slots
+    slot_inputs = jnp.einsum('btn,btd->bnd', dispatch, tokens)  # [B, E*S, d]
     slot_outputs, hidden = Experts(e, self.expert_hidden_units, name='experts')(
-        slot_inputs, expert_mask)  # [B, E, S, d], [B, E, S, h]
-    outputs = jnp.einsum('btes,besd->btd', combine, slot_outputs)  # [B, T, d]
+        slot_inputs.reshape((-1, e, s, dim)), expert_mask)  # [B, E, S, d]
+    outputs = jnp.einsum('btn,bnd->btd', combine,
+                         slot_outputs.reshape((-1, e * s, dim)))  # [B, T, d]
+    dispatch = dispatch.reshape(dispatch.shape[:2] + (e, s))  # [B, T, E, S]
+    combine = combine.reshape(combine.shape[:2] + (e, s))  # [B, T, E, S]
     diagnostics = {
         'dispatch_weights': dispatch,
         'combine_weights': combine,

@@ -107,7 +107,7 @@ class TopKMoE(nn.Module):
     position = jnp.cumsum(choice_mask, axis=1) - 1.0  # [B, kT, E]
     kept = choice_mask * (position < c)  # [B, kT, E]
     overflowed = (choice_mask - kept).sum(-1).reshape((b, k, t))  # [B, k, T]
-    slot = jax.nn.one_hot(position, c) * kept[..., None]  # [B, kT, E, C]
+    slot = jax.nn.one_hot(position.astype(jnp.int32), c) * kept[..., None]  # [B, kT, E, C]
     slot = slot.reshape((b, k, t, e, c))
     dispatch = slot.sum(axis=1)  # [B, T, E, C]; top-k experts are distinct
     gates_kt = gates.transpose((0, 2, 1))  # [B, k, T]

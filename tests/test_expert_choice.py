@@ -161,11 +161,18 @@ def test_no_mixing_across_observations():
   layer = ExpertChoiceMoE(num_experts=4, expert_hidden_units=H)
   x = _tokens(4)
   params = _params(layer, x)
-  out, _ = _apply(params, x, layer)
-  y = x.at[1:].set(4.0 * _tokens(5)[1:])
-  out_y, _ = _apply(params, y, layer)
-  np.testing.assert_allclose(np.asarray(out_y[0]), np.asarray(out[0]),
-                             atol=1e-6)
+  out = np.asarray(_apply(params, x, layer)[0])
+  other = 4.0 * _tokens(5)
+  # Change every observation but the first, then only the first: the
+  # unchanged observations' outputs must not move (routing, capacity and
+  # priority are per observation).
+  for changed in (slice(1, None), slice(0, 1)):
+    out_y = np.asarray(_apply(params, x.at[changed].set(other[changed]),
+                              layer)[0])
+    kept = np.ones(B, bool)
+    kept[changed] = False
+    assert not np.allclose(out_y[~kept], out[~kept], atol=1e-4)
+    np.testing.assert_allclose(out_y[kept], out[kept], atol=1e-6)
 
 
 @pytest.mark.parametrize('kwargs,named', [
@@ -177,3 +184,10 @@ def test_no_mixing_across_observations():
 def test_rejects_bad_options(kwargs, named):
   with pytest.raises(ValueError, match=named):
     ExpertChoiceMoE(**kwargs)
+
+
+def test_rejects_negative_router_noise():
+  # TopKMoE rejects router_noise_std < 0; ExpertChoiceMoE shares the router
+  # and must not silently treat a negative std as "no noise".
+  with pytest.raises(ValueError, match='router_noise_std=-0.5'):
+    ExpertChoiceMoE(router_noise_std=-0.5)

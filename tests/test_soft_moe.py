@@ -247,11 +247,18 @@ def test_no_mixing_across_observations():
   layer = SoftMoE(num_experts=3, expert_hidden_units=8)
   x = _tokens(8)
   params = _params(layer, x)
-  out, _ = _apply(params, x, layer)
-  y = x.at[1:].set(_tokens(9)[1:] * 5.0)
-  out_y, _ = _apply(params, y, layer)
-  np.testing.assert_allclose(np.asarray(out_y[0]), np.asarray(out[0]),
-                             atol=1e-6)
+  out = np.asarray(_apply(params, x, layer)[0])
+  other = 5.0 * _tokens(9)
+  # Change every observation but the first, then only the first: the
+  # unchanged observations' outputs must not move (routing, capacity and
+  # priority are per observation).
+  for changed in (slice(1, None), slice(0, 1)):
+    out_y = np.asarray(_apply(params, x.at[changed].set(other[changed]),
+                              layer)[0])
+    kept = np.ones(B, bool)
+    kept[changed] = False
+    assert not np.allclose(out_y[~kept], out[~kept], atol=1e-4)
+    np.testing.assert_allclose(out_y[kept], out[kept], atol=1e-6)
 
 
 @pytest.mark.parametrize('kwargs,named', [

@@ -1,0 +1,256 @@
+"""`moerl bench`: speed and memory figures, measured on this machine.
+
+Figures are ratios measured in one run where possible (update cost of each
+penultimate type relative to the dense baseline, share of wall time outside
+the gradient step), since absolute times drift on shared machines. Nothing
+here is asserted in tests. Sections:
+  networks  jitted DQN update (Nature CNN, batch 32, Adam, 18 actions) per
+            penultimate type, relative to dense; batch-1 action selection.
+  agent     end-to-end DQN at the Dopamine protocol on Pong (one env, update
+            every 4 agent steps, batch 32): agent steps/s and the share of wall
+            time outside the gradient step; prioritized replay sampling time;
+            peak resident memory of a 1M-capacity buffer holding 1M frames.
+  envs      ALE agent steps/s with random actions, one env and 8 vector envs.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SECTIONS = ('networks', 'agent', 'envs')
+
+# name -> gin bindings on top of the Nature-CNN QNetwork.
+NETWORK_VARIANTS = {
+    'dense': ["QNetwork.penultimate = 'dense'"],
+    'softmoe_8x16': ["QNetwork.penultimate = 'softmoe'", 'SoftMoE.num_experts = 8'],
+    'softmoe_8x1': ["QNetwork.penultimate = 'softmoe'", 'SoftMoE.num_experts = 8',
+                    'SoftMoE.slots_per_expert = 1'],
+    'topk_8_k1': ["QNetwork.penultimate = 'topk'", 'TopKMoE.num_experts = 8'],
+    'expert_choice_8': ["QNetwork.penultimate = 'expert_choice'",
+                        'ExpertChoiceMoE.num_experts = 8'],
+    'gap': ["QNetwork.penultimate = 'gap'"],
+    'token_mlp': ["QNetwork.penultimate = 'token_mlp'"],
+}
+
+
+def _log(stream, message: str) -> None:
+  if stream is not None:
+    print(message, file=stream, flush=True)
+
+
+def _network_update_fns(bindings: Sequence[str], batch_size: int = 32):
+  """A jitted DQN train step and action selection for one network config."""
+  from agents import dqn_agent, losses  # pylint: disable=g-import-not-at-top
+  import networks.q_network as qn  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  gin.parse_config(list(bindings))
+  network = qn.QNetwork(num_actions=18)
+  obs = jnp.asarray(np.random.default_rng(0).integers(
+      0, 255, (batch_size, 84, 84, 4), dtype=np.uint8))
+  params = network.init(jax.random.PRNGKey(0), obs[:1])['params']
+  optimizer = dqn_agent.create_optimizer()
+  state = dqn_agent.TrainState(
+      online_params=params,
+      target_params=jax.tree_util.tree_map(jnp.copy, params),
+      opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+      rng=jax.random.PRNGKey(1))
+  td = lambda *a: dqn_agent.dqn_td_loss(losses.mse_loss, *a)
+  step = jax.jit(dqn_agent.make_train_step(
+      network, optimizer, td, target_update_every=2000, double_dqn=False,
+      prioritized=False), donate_argnums=0)
+  batch = {'obs_tm1': obs, 'obs_t': obs,
+           'a_tm1': jnp.zeros((batch_size,), jnp.int32),
+           'r_t': jnp.ones((batch_size,)), 'discount_t': jnp.full((batch_size,), 0.99)}
+  select = dqn_agent.make_select_action(network, 18)
+  gin.clear_config()
+  return state, step, batch, select, params, obs[:1], qn.count_parameters(params)
+
+
+def bench_networks(repeats: int = 20, rounds: int = 3, stream=None) -> Dict[str, Any]:
+  built = {name: _network_update_fns(b) for name, b in NETWORK_VARIANTS.items()}
+  times = {name: [] for name in built}
+  states = {}
+  for name, (state, step, batch, *_rest) in built.items():  # compile + warm up
+    for _ in range(3):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    states[name] = state
+  for r in range(rounds):  # interleaved rounds so drift hits every variant
+    for name, (_, step, batch, *_rest) in built.items():
+      state = states[name]
+      start = time.perf_counter()
+      for _ in range(repeats):
+        state, metrics = step(state, batch)
+      jax.block_until_ready((state, metrics))
+      times[name].append((time.perf_counter() - start) / repeats)
+      states[name] = state
+    _log(stream, f'bench networks: round {r + 1}/{rounds} done')
+  dense = float(np.median(times['dense']))
+  rows = {}
+  for name, (_, _, _, select, _, obs1, num_params) in built.items():
+    params = states[name].online_params  # the built params were donated
+    select(params, obs1, jax.random.PRNGKey(0), 0.0).block_until_ready()
+    start = time.perf_counter()
+    for i in range(200):
+      np.asarray(select(params, obs1, jax.random.PRNGKey(i), 0.0))
+    act_ms = (time.perf_counter() - start) / 200 * 1e3
+    update = float(np.median(times[name]))
+    rows[name] = {'update_ms': update * 1e3, 'relative_to_dense': update / dense,
+                  'act_ms': act_ms, 'num_params': num_params}
+  return {'batch_size': 32, 'repeats': repeats * rounds, 'variants': rows}
+
+
+def bench_agent(steps: int = 4000, stream=None, memory: bool = True) -> Dict[str, Any]:
+  """End-to-end DQN on Pong at the Dopamine protocol, instrumented."""
+  from experiments import gin_config  # pylint: disable=g-import-not-at-top
+  from experiments.runner import Runner  # pylint: disable=g-import-not-at-top
+  result = {}
+  for label, gin_file in (('dqn_dense', 'dqn.gin'), ('dqn_softmoe', 'dqn_softmoe.gin')):
+    gin_config.load([gin_file], [
+        'DQNAgent.min_replay_history = 1000', 'DQNAgent.replay_capacity = 100000',
+        f'Runner.training_steps = {steps}', 'Runner.num_iterations = 1'])
+    runner = Runner(None, log_stream=open(os.devnull, 'w'))
+    agent = runner.agent
+    grad_time = [0.0]
+    train_step = agent.train_step
+
+    def timed(state, batch, _train_step=train_step):
+      start = time.perf_counter()
+      out = _train_step(state, batch)
+      jax.block_until_ready(out)
+      grad_time[0] += time.perf_counter() - start
+      return out
+
+    agent.train_step = timed
+    runner.run_iteration(0)  # warm-up: fills replay past min history, compiles
+    grad_time[0] = 0.0
+    start = time.perf_counter()
+    metrics = runner.run_iteration(1)
+    wall = time.perf_counter() - start
+    runner.close()
+    result[label] = {
+        'agent_steps_per_second': metrics['agent_steps_per_second'],
+        'wall_seconds': wall, 'gradient_step_seconds': grad_time[0],
+        'share_outside_gradient_step': 1.0 - grad_time[0] / wall}
+    _log(stream, f'bench agent: {label} done')
+  gin.clear_config()
+  result['prioritized_sample_ms'] = _bench_sampling()
+  if memory:
+    result['replay_1m_peak_rss_gb'] = _replay_memory_subprocess()
+  return result
+
+
+def _bench_sampling(fill: int = 50000) -> float:
+  from agents.replay import PrioritizedReplayBuffer  # pylint: disable=g-import-not-at-top
+  replay = PrioritizedReplayBuffer(observation_shape=(84, 84), stack_size=4,
+                                   replay_capacity=1000000, batch_size=32,
+                                   update_horizon=3)
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 255, (64, 1, 84, 84), dtype=np.uint8)
+  for t in range(fill):
+    replay.add(frames[t % 64], np.zeros(1, np.int32), np.zeros(1, np.float32),
+               np.array([t % 1000 == 999]), np.array([t % 1000 == 999]))
+  for _ in range(20):
+    replay.sample()
+  start = time.perf_counter()
+  for _ in range(500):
+    replay.sample()
+  return (time.perf_counter() - start) / 500 * 1e3
+
+
+_MEMORY_SCRIPT = r'''
+import resource, numpy as np
+from agents.replay import ReplayBuffer
+replay = ReplayBuffer(observation_shape=(84, 84), stack_size=4, replay_capacity=1000000, batch_size=32)
+frame = np.full((1, 84, 84), 7, np.uint8)
+a, r, f = np.zeros(1, np.int32), np.zeros(1, np.float32), np.zeros(1, bool)
+for t in range(1000000):
+    replay.add(frame, a, r, f, f)
+replay.sample()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2)
+'''
+
+
+def _replay_memory_subprocess() -> Optional[float]:
+  out = subprocess.run([sys.executable, '-c', _MEMORY_SCRIPT], capture_output=True,
+                       text=True, check=False, timeout=600)
+  try:
+    return float(out.stdout.strip().splitlines()[-1])
+  except (ValueError, IndexError):
+    return None
+
+
+def bench_envs(seconds: float = 5.0) -> Dict[str, Any]:
+  from experiments.environments import create_atari_environment  # pylint: disable=g-import-not-at-top
+  result = {}
+  for label, n in (('single_env', 1), ('vector_8_envs', 8)):
+    env = create_atari_environment('Pong', num_envs=n, num_threads=2)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+      env.step(rng.integers(0, env.num_actions, n))
+      steps += n
+    result[label] = steps / (time.perf_counter() - start)
+    env.close()
+  result['vector_speedup'] = result['vector_8_envs'] / result['single_env']
+  return result
+
+
+def run(sections: Optional[List[str]] = None, quick: bool = False,
+        stream=None) -> Dict[str, Any]:
+  sections = sections or list(SECTIONS)
+  results: Dict[str, Any] = {'device': jax.devices()[0].platform,
+                             'jax': jax.__version__}
+  if 'networks' in sections:
+    results['networks'] = bench_networks(repeats=5 if quick else 20,
+                                         rounds=2 if quick else 3, stream=stream)
+  if 'agent' in sections:
+    results['agent'] = bench_agent(steps=2000 if quick else 4000, stream=stream,
+                                   memory=not quick)
+  if 'envs' in sections:
+    results['envs'] = bench_envs(seconds=2.0 if quick else 5.0)
+  return results
+
+
+def format_report(results: Dict[str, Any]) -> str:
+  lines = [f"device: {results['device']} (jax {results['jax']})"]
+  if 'networks' in results:
+    lines.append('\nJitted DQN update, Nature CNN, batch 32, Adam '
+                 f"(median of {results['networks']['repeats']}):")
+    lines.append(f"{'penultimate':<18}{'params':>11}{'update ms':>11}"
+                 f"{'x dense':>9}{'act ms':>9}")
+    for name, row in results['networks']['variants'].items():
+      lines.append(f"{name:<18}{row['num_params']:>11,}{row['update_ms']:>11.2f}"
+                   f"{row['relative_to_dense']:>9.2f}{row['act_ms']:>9.2f}")
+  if 'agent' in results:
+    agent = results['agent']
+    lines.append('\nEnd to end, Pong, Dopamine protocol (1 env, update every 4 steps):')
+    for label in ('dqn_dense', 'dqn_softmoe'):
+      row = agent[label]
+      lines.append(f"{label:<14} {row['agent_steps_per_second']:>8.0f} agent steps/s, "
+                   f"{100 * row['share_outside_gradient_step']:.1f}% of wall time "
+                   'outside the gradient step')
+    lines.append(f"prioritized replay sample (batch 32, 1M capacity): "
+                 f"{agent['prioritized_sample_ms']:.2f} ms")
+    if agent.get('replay_1m_peak_rss_gb') is not None:
+      lines.append('peak RSS, 1M-capacity buffer holding 1M frames: '
+                   f"{agent['replay_1m_peak_rss_gb']:.2f} GB")
+  if 'envs' in results:
+    env = results['envs']
+    lines.append(f"\nALE Pong, random actions: {env['single_env']:.0f} agent steps/s "
+                 f"single env, {env['vector_8_envs']:.0f} with 8 vector envs "
+                 f"({env['vector_speedup']:.2f}x)")
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  print(json.dumps(run(quick=True), indent=2))

@@ -1,0 +1,67 @@
+"""Expert metrics from one forward pass's diagnostics (no extra forward).
+
+`expert_metrics(output)` turns a QNetwork's `NetworkOutput` into a flat dict of
+`moe/...` values, jit-friendly (arrays only):
+  moe/expert_share [E]    Soft MoE: combine mass per expert (sums to 1);
+                          Top-k / Expert-Choice: share of routed tokens.
+  moe/dispatch_entropy    Soft MoE: mean entropy of a slot's weights over tokens.
+  moe/combine_entropy     Soft MoE: mean entropy of a token's weights over slots.
+  moe/router_entropy      Top-k / Expert-Choice: mean entropy of router probs.
+  moe/dropped_fraction    Top-k: assignments lost to capacity overflow.
+  moe/dormant_0 [E], moe/dormant_0.1 [E]
+                          per-expert fraction of dormant hidden units (Sokar et
+                          al., 2023: a unit's mean |activation| over the batch
+                          divided by the layer mean, <= tau).
+  moe/srank               effective rank of the penultimate features
+                          (Kumar et al., 2021, delta = 0.01).
+Non-MoE networks get only `moe/srank`.
+"""
+
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+
+DORMANT_THRESHOLDS = (0.0, 0.1)
+
+
+def _entropy(p, axis):
+  return -jnp.sum(p * jnp.log(p + 1e-12), axis=axis)
+
+
+def dormant_fraction(hidden, tau: float):
+  """hidden [B, E, S, h] -> [E] fraction of units with normalised activity <= tau."""
+  activity = jnp.abs(hidden).mean(axis=(0, 2))  # [E, h]
+  score = activity / (activity.mean(axis=-1, keepdims=True) + 1e-9)
+  return jnp.mean(score <= tau, axis=-1)
+
+
+def srank(features, delta: float = 0.01):
+  """Smallest k whose top-k singular values hold 1 - delta of their sum."""
+  sv = jnp.linalg.svd(features.astype(jnp.float32), compute_uv=False)
+  cumulative = jnp.cumsum(sv) / (jnp.sum(sv) + 1e-12)
+  return jnp.sum(cumulative < 1.0 - delta) + 1
+
+
+def expert_metrics(output) -> Dict[str, jax.Array]:
+  d = output.diagnostics
+  metrics = {'moe/srank': srank(output.features)}
+  if 'combine_weights' in d and 'dispatch_weights' in d:  # Soft MoE
+    combine, dispatch = d['combine_weights'], d['dispatch_weights']  # [B, T, E, S]
+    b, t, e, s = combine.shape
+    metrics['moe/expert_share'] = combine.sum(axis=3).mean(axis=(0, 1))
+    metrics['moe/combine_entropy'] = _entropy(
+        combine.reshape((b, t, e * s)), -1).mean()
+    metrics['moe/dispatch_entropy'] = _entropy(dispatch, 1).mean()
+  elif 'router_probs' in d:  # Top-k or Expert-Choice
+    mask = d['dispatch_mask']
+    routed = (mask.sum(axis=(0, 1, 3)) if mask.ndim == 4 and 'dropped_fraction' in d
+              else mask.sum(axis=(0, 2, 3)))  # [E]
+    metrics['moe/expert_share'] = routed / jnp.maximum(routed.sum(), 1.0)
+    metrics['moe/router_entropy'] = _entropy(d['router_probs'], -1).mean()
+    if 'dropped_fraction' in d:
+      metrics['moe/dropped_fraction'] = d['dropped_fraction']
+  if 'expert_hidden' in d:
+    for tau in DORMANT_THRESHOLDS:
+      metrics[f'moe/dormant_{tau:g}'] = dormant_fraction(d['expert_hidden'], tau)
+  return metrics
