@@ -33,7 +33,7 @@ import optax
 from agents import losses
 from agents.frame_stack import FrameStacker
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
-from networks.expert_metrics import expert_metrics
+from networks.expert_metrics import GRAM_KEY, expert_metrics, srank_from_gram
 from networks.q_network import NetworkOutput, QNetwork
 
 
@@ -261,12 +261,16 @@ class DQNAgent:
         target_update_every=max(1, target_update_period // update_period),
         double_dqn=double_dqn, prioritized=self._prioritized,
         diagnostics_fn=expert_metrics if log_expert_metrics else None)
+    self.train_step_fn = train_step  # pure, for vmapping across seeds
     self.train_step = jax.jit(train_step, donate_argnums=0)
     self.train_steps = jax.jit(fuse_train_steps(train_step), donate_argnums=0)
     self.training_steps = 0  # agent steps seen while training (all envs)
     self._update_credit = 0.0
+    self.pending_updates = 0  # gradient steps due but not yet run
+    self.defer_updates = False  # a SeedGroup runs the updates of many agents
     self._metric_sums = None
     self._metric_count = 0
+    self._last_gram = None
 
   # -- Hooks for variants (Rainbow overrides these two). --------------------
   def _network_kwargs(self) -> Dict[str, Any]:
@@ -321,9 +325,32 @@ class DQNAgent:
     self.training_steps += num_steps
     if self.replay.add_count * self.num_envs > self.min_replay_history:
       self._update_credit += num_steps / self.update_period
-      while self._update_credit >= 1.0:
-        self._update_credit -= 1.0
-        self.train_once()
+      due = int(self._update_credit)
+      self._update_credit -= due
+      self.pending_updates += due
+    if not self.defer_updates:
+      self.run_pending_updates()
+
+  def run_pending_updates(self) -> None:
+    """Runs the gradient steps that are due.
+
+    With uniform replay, K > 1 due steps (several envs) run fused in one
+    jitted scan over K pre-sampled batches, numerically the same as K
+    sequential steps. Prioritized replay runs them one by one, since each
+    step's new priorities shape the next sample.
+    """
+    k, self.pending_updates = self.pending_updates, 0
+    if k > 1 and not self._prioritized:
+      batches = [self.replay.sample() for _ in range(k)]
+      for batch in batches:
+        batch.pop('indices')
+      stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+      self.state, metrics = self.train_steps(self.state, stacked)
+      self._accumulate({key: value[-1] if key == GRAM_KEY else value.mean(0)
+                        for key, value in metrics.items()}, k)
+      return
+    for _ in range(k):
+      self.train_once()
 
   def train_once(self) -> None:
     batch = self.replay.sample()
@@ -333,13 +360,19 @@ class DQNAgent:
       self.replay.update_priorities(indices, np.asarray(metrics['priorities']))
     self._accumulate(metrics)
 
-  def _accumulate(self, metrics) -> None:
-    scalars = {k: v for k, v in metrics.items() if k != 'priorities'}
+  def _accumulate(self, metrics, count: int = 1) -> None:
+    """Adds `count` steps' worth of metrics (`metrics` holds their mean)."""
+    metrics = dict(metrics)
+    metrics.pop('priorities', None)
+    gram = metrics.pop(GRAM_KEY, None)
+    if gram is not None:  # the last step's Gram matrix, not a sum
+      self._last_gram = gram
+    scalars = {k: v if count == 1 else v * count for k, v in metrics.items()}
     if self._metric_sums is None:
       self._metric_sums = scalars
     else:
       self._metric_sums = _tree_add(self._metric_sums, scalars)
-    self._metric_count += 1
+    self._metric_count += count
 
   def pop_metrics(self) -> Dict[str, float]:
     """Means of the train-step metrics since the last call ({} if none).
@@ -356,6 +389,9 @@ class DQNAgent:
         means[key] = float(value)
       else:  # per-expert vectors -> one scalar per expert
         means.update({f'{key}_{i}': float(v) for i, v in enumerate(value)})
+    if self._last_gram is not None:
+      means['moe/srank'] = srank_from_gram(jax.device_get(self._last_gram))
+      self._last_gram = None
     self._metric_sums, self._metric_count = None, 0
     return means
 
