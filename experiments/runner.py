@@ -44,7 +44,9 @@ AGENT_NAMES = {DQNAgent: 'dqn', RainbowAgent: 'rainbow'}
 
 
 def _phase_seed(seed: int, iteration: int, phase: int) -> int:
-  return int(np.random.SeedSequence([seed, iteration, phase]).generate_state(1)[0])
+  # 31 bits: ALE's reset takes a signed 32-bit seed (2**31 and up is refused).
+  state = np.random.SeedSequence([seed, iteration, phase]).generate_state(1)[0]
+  return int(state) & 0x7FFFFFFF
 
 
 class Progress:
@@ -73,6 +75,77 @@ class Progress:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+class Phase:
+  """One phase (training or evaluation) of one agent on one batched env.
+
+  Runs until `min_steps` agent steps have been taken and every env's episode
+  has ended (an env whose episode ends past the budget idles). `step` takes
+  the actions for the current observations; the runner (or a SeedGroup)
+  chooses them.
+  """
+
+  def __init__(self, runner: 'Runner', env, min_steps: int, eval_mode: bool,
+               iteration: int):
+    self.runner, self.env, self.min_steps = runner, env, min_steps
+    self.eval_mode = eval_mode
+    self.agent = runner.agent
+    self.agent.eval_mode = eval_mode
+    n = env.num_envs
+    self.stacker = FrameStacker(n, env.observation_shape, self.agent.stack_size,
+                                env.observation_dtype)
+    self.stacker.reset(env.reset(seed=_phase_seed(runner.seed, iteration,
+                                                  eval_mode)))
+    self.active = np.ones(n, bool)
+    self.running_return = np.zeros(n)
+    self.returns: List[float] = []
+    self.steps = 0
+    self.start = time.time()
+
+  @property
+  def done(self) -> bool:
+    return not self.active.any()
+
+  @property
+  def observations(self) -> np.ndarray:
+    return self.stacker.observations
+
+  @property
+  def recent_return(self) -> Optional[float]:
+    return self.returns[-1] if self.returns else None
+
+  def step(self, actions: np.ndarray) -> int:
+    """Steps every env; returns the number of agent steps that counted."""
+    observations = self.stacker.observations
+    result = self.env.step(actions)
+    ends = result.terminated | result.truncated
+    active = self.active
+    if not self.eval_mode:
+      rewards = (np.clip(result.reward, -1.0, 1.0) if self.runner.clip_rewards
+                 else result.reward)
+      self.agent.record(observations, actions, rewards, result.terminated,
+                        ends, active)
+    self.running_return += np.where(active, result.reward, 0.0)
+    num_active = int(active.sum())
+    self.steps += num_active
+    for i in np.flatnonzero(ends & active):
+      self.returns.append(float(self.running_return[i]))
+    self.running_return[ends] = 0.0
+    if self.steps >= self.min_steps:
+      self.active = active & ~ends
+    self.stacker.push(result.observation, ends)
+    return num_active
+
+  def close(self) -> None:
+    self.agent.eval_mode = False
+    self.seconds = time.time() - self.start
+
+  def stats(self) -> Dict[str, Any]:
+    return {'steps': self.steps, 'seconds': self.seconds,
+            'episodes': len(self.returns),
+            'return_mean': (float(np.mean(self.returns)) if self.returns
+                            else None)}
 
 
 @gin.configurable
@@ -133,51 +206,40 @@ class Runner:
                              if self.is_atari else 1)
 
   # -- Phases. -----------------------------------------------------------------
+  def new_phase(self, env, min_steps: int, eval_mode: bool,
+                iteration: int) -> 'Phase':
+    return Phase(self, env, min_steps, eval_mode, iteration)
+
   def _run_phase(self, env, min_steps: int, eval_mode: bool, iteration: int,
                  description: str) -> Dict[str, Any]:
-    agent = self.agent
-    agent.eval_mode = eval_mode
-    n = env.num_envs
-    stacker = FrameStacker(n, env.observation_shape, agent.stack_size,
-                           env.observation_dtype)
-    stacker.reset(env.reset(seed=_phase_seed(self.seed, iteration, eval_mode)))
-    active = np.ones(n, bool)
-    running_return = np.zeros(n)
-    returns: List[float] = []
-    steps = 0
+    phase = self.new_phase(env, min_steps, eval_mode, iteration)
     progress = Progress(min_steps, description, self._log_stream)
-    start = time.time()
     try:
-      while active.any():
-        observations = stacker.observations
-        actions = agent.select_actions(observations)
-        result = env.step(actions)
-        ends = result.terminated | result.truncated
-        if not eval_mode:
-          rewards = (np.clip(result.reward, -1.0, 1.0) if self.clip_rewards
-                     else result.reward)
-          agent.record(observations, actions, rewards, result.terminated, ends,
-                       active)
-        running_return += np.where(active, result.reward, 0.0)
-        num_active = int(active.sum())
-        steps += num_active
-        for i in np.flatnonzero(ends & active):
-          returns.append(float(running_return[i]))
-        running_return[ends] = 0.0
-        if steps >= min_steps:
-          active &= ~ends
-        stacker.push(result.observation, ends)
-        progress.update(num_active, returns[-1] if returns else None)
+      while not phase.done:
+        num_active = phase.step(self.agent.select_actions(phase.observations))
+        progress.update(num_active, phase.recent_return)
     finally:
       progress.close()
-      agent.eval_mode = False
-    seconds = time.time() - start
-    return {'steps': steps, 'seconds': seconds, 'episodes': len(returns),
-            'return_mean': float(np.mean(returns)) if returns else None}
+      phase.close()
+    return phase.stats()
+
+  def eval_env(self):
+    if self._eval_env is None:
+      self._eval_env = self._make_env(self.num_envs)
+    return self._eval_env
 
   def run_iteration(self, iteration: int) -> Dict[str, Any]:
     train = self._run_phase(self.env, self.training_steps, False, iteration,
                             f'iter {iteration} train')
+    evaluation = None
+    if self.schedule == 'continuous_train_and_eval':
+      evaluation = self._run_phase(self.eval_env(), self.evaluation_steps, True,
+                                   iteration, f'iter {iteration} eval')
+    return self.iteration_metrics(iteration, train, evaluation)
+
+  def iteration_metrics(self, iteration: int, train: Dict[str, Any],
+                        evaluation: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The metrics.jsonl record of one iteration (pops the agent's metrics)."""
     metrics = dict(self.identity)
     agent_steps = (iteration + 1) * self.training_steps
     metrics.update(
@@ -193,11 +255,7 @@ class Runner:
         eval_episodes=0,
         loss=None)
     metrics.update(self.agent.pop_metrics())
-    if self.schedule == 'continuous_train_and_eval':
-      if self._eval_env is None:
-        self._eval_env = self._make_env(self.num_envs)
-      evaluation = self._run_phase(self._eval_env, self.evaluation_steps, True,
-                                   iteration, f'iter {iteration} eval')
+    if evaluation is not None:
       metrics.update(eval_episode_return_mean=evaluation['return_mean'],
                      eval_episodes=evaluation['episodes'])
     return metrics
@@ -210,43 +268,68 @@ class Runner:
       state['replay'] = self.agent.replay
     return state
 
-  def run_experiment(self, operative_config: str) -> None:
-    """Runs (or resumes) every iteration.
+  def open_run(self, operative_config: str) -> int:
+    """Prepares the run directory and restores the newest checkpoint.
 
-    Bad input (a foreign or different-config base_dir, a corrupt checkpoint)
-    raises RunDirError before anything on disk changes (config.gin is only
-    rewritten with identical content).
+    Returns the next iteration to run. Bad input (a foreign or
+    different-config base_dir, a corrupt checkpoint) raises RunDirError
+    before anything on disk changes (config.gin is only rewritten with
+    identical content).
     """
-    run_dir = RunDir(self.base_dir)
-    resume = run_dir.prepare(operative_config)
-    checkpointer = Checkpointer(run_dir.checkpoint_dir)
+    self._run_dir = RunDir(self.base_dir)
+    resume = self._run_dir.prepare(operative_config)
+    self._checkpointer = Checkpointer(self._run_dir.checkpoint_dir)
     iteration = 0
     if resume:
-      latest = checkpointer.latest_iteration()
+      latest = self._checkpointer.latest_iteration()
       if latest is not None:
-        restored = checkpointer.restore(
-            latest, template=self._checkpoint_state(with_replay=True))
-        self.agent.restore(restored['agent'], restored['counters'])
+        self.restore_checkpoint(latest)
         iteration = latest + 1
-      truncate_metrics(run_dir.metrics_path, iteration - 1)
-    logger = MetricsLogger(self.base_dir, purge_step=iteration)
+    return iteration
+
+  def latest_checkpoint(self) -> Optional[int]:
+    return self._checkpointer.latest_iteration()
+
+  def restore_checkpoint(self, iteration: int) -> None:
+    restored = self._checkpointer.restore(
+        iteration, template=self._checkpoint_state(with_replay=True))
+    self.agent.restore(restored['agent'], restored['counters'])
+
+  def start_logging(self, iteration: int) -> None:
+    """Drops logged iterations past the checkpoint, then opens the logger."""
+    truncate_metrics(self._run_dir.metrics_path, iteration - 1)
+    self._logger = MetricsLogger(self.base_dir, purge_step=iteration)
+    self._run_dir.write_status('running', iteration)
+
+  def finish_iteration(self, metrics: Dict[str, Any]) -> None:
+    """Logs an iteration, checkpoints it, and updates status.json."""
+    self._logger.write(metrics)
+    self._checkpointer.save(metrics['iteration'],
+                            self._checkpoint_state(with_replay=True))
+    self._run_dir.write_status('running', metrics['iteration'] + 1)
+    print(_summary_line(metrics), file=self._log_stream, flush=True)
+
+  def end_run(self, iteration: int, error: Optional[BaseException]) -> None:
+    if error is None:
+      self._run_dir.write_status('done', iteration)
+    else:
+      message = ('interrupted' if isinstance(error, KeyboardInterrupt)
+                 else f'{type(error).__name__}: {error}')
+      self._run_dir.write_status('failed', iteration, message)
+    self._logger.close()
+
+  def run_experiment(self, operative_config: str) -> None:
+    """Runs (or resumes) every iteration."""
+    iteration = self.open_run(operative_config)
+    self.start_logging(iteration)
     try:
-      run_dir.write_status('running', iteration)
       while iteration < self.num_iterations:
-        metrics = self.run_iteration(iteration)
-        logger.write(metrics)
-        checkpointer.save(iteration, self._checkpoint_state(with_replay=True))
+        self.finish_iteration(self.run_iteration(iteration))
         iteration += 1
-        run_dir.write_status('running', iteration)
-        print(_summary_line(metrics), file=self._log_stream, flush=True)
-      run_dir.write_status('done', iteration)
     except BaseException as e:
-      error = ('interrupted' if isinstance(e, KeyboardInterrupt)
-               else f'{type(e).__name__}: {e}')
-      run_dir.write_status('failed', iteration, error)
+      self.end_run(iteration, e)
       raise
-    finally:
-      logger.close()
+    self.end_run(iteration, None)
 
   def restore_agent(self) -> int:
     """Loads the newest checkpoint's agent (not the replay); returns its iteration."""
