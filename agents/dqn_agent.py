@@ -12,6 +12,11 @@ Its batched `select_actions` / `record` serve any number of environments with
 the replay ratio of the single-env protocol (one update per `update_period`
 agent steps, counted over all envs).
 
+With `async_acting`, an action right after a gradient step is chosen with the
+params from before that step (one update stale), so the environment steps
+while the update runs (JAX dispatches asynchronously); off by default, which
+keeps Dopamine's exact semantics.
+
 Gin parameters keep Dopamine's names and defaults (`JaxDQNAgent.gamma` here is
 `DQNAgent.gamma`; replay capacity and batch size live on the agent, which
 builds the buffer). The MoE auxiliary loss of the network is added to the TD
@@ -200,7 +205,8 @@ class DQNAgent:
                batch_size: int = 32,
                replay_scheme: str = 'uniform',
                double_dqn: bool = False,
-               log_expert_metrics: bool = True):
+               log_expert_metrics: bool = True,
+               async_acting: bool = False):
     if loss_type not in losses.LOSSES:
       raise ValueError(f"DQNAgent.loss_type='{loss_type}' is unknown: use one "
                        f"of {', '.join(losses.LOSSES)}.")
@@ -262,8 +268,13 @@ class DQNAgent:
         double_dqn=double_dqn, prioritized=self._prioritized,
         diagnostics_fn=expert_metrics if log_expert_metrics else None)
     self.train_step_fn = train_step  # pure, for vmapping across seeds
-    self.train_step = jax.jit(train_step, donate_argnums=0)
-    self.train_steps = jax.jit(fuse_train_steps(train_step), donate_argnums=0)
+    # With async_acting the previous params stay in use, so nothing is donated.
+    donate = () if async_acting else (0,)
+    self.train_step = jax.jit(train_step, donate_argnums=donate)
+    self.train_steps = jax.jit(fuse_train_steps(train_step),
+                               donate_argnums=donate)
+    self.async_acting = async_acting
+    self._acting_params = None
     self.training_steps = 0  # agent steps seen while training (all envs)
     self._update_credit = 0.0
     self.pending_updates = 0  # gradient steps due but not yet run
@@ -291,9 +302,15 @@ class DQNAgent:
   def select_actions(self, observations: np.ndarray) -> np.ndarray:
     """observations [N, ...] stacked states -> actions [N] (epsilon-greedy)."""
     self._rng, key = jax.random.split(self._rng)
-    actions = self._select_action(self.state.online_params, observations, key,
-                                  self.epsilon(),
+    params = self.state.online_params
+    if self.async_acting and self._acting_params is not None:
+      params = self._acting_params
+    actions = self._select_action(params, observations, key, self.epsilon(),
                                   deterministic=self.eval_mode)
+    if self.async_acting:
+      # The next action uses these params even if a gradient step dispatched
+      # meanwhile has not finished, so env stepping overlaps the update.
+      self._acting_params = self.state.online_params
     return np.asarray(actions)
 
   def record(self, observations, actions, rewards, terminals, episode_ends,
@@ -427,6 +444,7 @@ class DQNAgent:
     self._rng = state['rng']
     self.training_steps = int(values['training_steps'])
     self._update_credit = float(values['update_credit'])
+    self._acting_params = None
 
 
 @jax.jit

@@ -11,6 +11,11 @@ here is asserted in tests. Sections:
             time outside the gradient step; prioritized replay sampling time;
             peak resident memory of a 1M-capacity buffer holding 1M frames.
   envs      ALE agent steps/s with random actions, one env and 8 vector envs.
+  throughput  collection (batched acting + env + replay, no learning) with 8
+            vector envs against one env; end to end with 8 vector envs at the
+            protocol's replay ratio (fused updates), with and without
+            async acting; total agent steps/s of S = 1, 2, 4 seeds in one
+            process (SeedGroup) on CartPole and on Pong.
 """
 
 import json
@@ -25,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SECTIONS = ('networks', 'agent', 'envs')
+SECTIONS = ('networks', 'agent', 'envs', 'throughput')
 
 # name -> gin bindings on top of the Nature-CNN QNetwork.
 NETWORK_VARIANTS = {
@@ -205,6 +210,84 @@ def bench_envs(seconds: float = 5.0) -> Dict[str, Any]:
   return result
 
 
+def _runner(gin_file: str, bindings: Sequence[str]):
+  from experiments import gin_config  # pylint: disable=g-import-not-at-top
+  from experiments.runner import Runner  # pylint: disable=g-import-not-at-top
+  gin_config.load([gin_file], list(bindings))
+  return Runner(None, log_stream=open(os.devnull, 'w'))
+
+
+def _collection_rate(num_envs: int, steps: int) -> float:
+  """Agent steps/s of acting + env + replay writes (warm-up: no learning)."""
+  runner = _runner('dqn_softmoe.gin', [
+      f'Runner.num_envs = {num_envs}', 'DQNAgent.min_replay_history = 10000000',
+      'DQNAgent.replay_capacity = 80000'])
+  phase = runner.new_phase(runner.env, 10, False, 0)
+  for _ in range(5):  # compile
+    phase.step(runner.agent.select_actions(phase.observations))
+  start, taken = time.perf_counter(), 0
+  while taken < steps:
+    taken += phase.step(runner.agent.select_actions(phase.observations))
+  rate = taken / (time.perf_counter() - start)
+  runner.close()
+  return rate
+
+
+def _end_to_end(bindings: Sequence[str], steps: int, gin_file='dqn_softmoe.gin'):
+  runner = _runner(gin_file, ['DQNAgent.min_replay_history = 1000',
+                              'DQNAgent.replay_capacity = 80000',
+                              f'Runner.training_steps = {steps}', *bindings])
+  runner.run_iteration(0)  # warm-up and compile
+  metrics = runner.run_iteration(1)
+  runner.close()
+  return metrics['agent_steps_per_second']
+
+
+def _seed_group_rate(gin_file: str, bindings: Sequence[str], num_seeds: int,
+                     steps: int) -> float:
+  """Total agent steps/s of `num_seeds` seeds trained in one SeedGroup."""
+  from experiments.seed_group import SeedGroup  # pylint: disable=g-import-not-at-top
+  runners = [_runner(gin_file, [*bindings, f'Runner.seed = {s}',
+                                f'Runner.training_steps = {steps}'])
+             for s in range(num_seeds)]
+  group = SeedGroup(runners)
+  group.gather_states()
+  group.run_iteration(0)  # warm-up and compile
+  before = sum(r.agent.training_steps for r in runners)
+  start = time.perf_counter()
+  group.run_iteration(1)
+  taken = sum(r.agent.training_steps for r in runners) - before
+  rate = taken / (time.perf_counter() - start)
+  group.close()
+  return rate
+
+
+def bench_throughput(quick: bool = False, stream=None) -> Dict[str, Any]:
+  steps = 1000 if quick else 3000
+  result = {'collection_1_env': _collection_rate(1, steps),
+            'collection_8_envs': _collection_rate(8, steps)}
+  result['collection_speedup'] = (result['collection_8_envs'] /
+                                  result['collection_1_env'])
+  _log(stream, 'bench throughput: collection done')
+  result['end_to_end_1_env'] = _end_to_end([], steps)
+  result['end_to_end_8_envs'] = _end_to_end(['Runner.num_envs = 8'], steps)
+  result['end_to_end_8_envs_async'] = _end_to_end(
+      ['Runner.num_envs = 8', 'DQNAgent.async_acting = True'], steps)
+  _log(stream, 'bench throughput: end to end done')
+  cartpole = ["Runner.schedule = 'continuous_train'",
+              'DQNAgent.min_replay_history = 500']
+  result['seeds_cartpole'] = {
+      s: _seed_group_rate('cartpole_dqn_softmoe.gin', cartpole, s, steps)
+      for s in (1, 2, 4)}
+  pong = ['DQNAgent.min_replay_history = 500', 'DQNAgent.replay_capacity = 20000']
+  result['seeds_pong'] = {
+      s: _seed_group_rate('dqn_softmoe.gin', pong, s, steps // 2)
+      for s in ((1, 2) if quick else (1, 2, 4))}
+  _log(stream, 'bench throughput: seeds done')
+  gin.clear_config()
+  return result
+
+
 def run(sections: Optional[List[str]] = None, quick: bool = False,
         stream=None) -> Dict[str, Any]:
   sections = sections or list(SECTIONS)
@@ -218,6 +301,8 @@ def run(sections: Optional[List[str]] = None, quick: bool = False,
                                    memory=not quick)
   if 'envs' in sections:
     results['envs'] = bench_envs(seconds=2.0 if quick else 5.0)
+  if 'throughput' in sections:
+    results['throughput'] = bench_throughput(quick=quick, stream=stream)
   return results
 
 
@@ -249,6 +334,20 @@ def format_report(results: Dict[str, Any]) -> str:
     lines.append(f"\nALE Pong, random actions: {env['single_env']:.0f} agent steps/s "
                  f"single env, {env['vector_8_envs']:.0f} with 8 vector envs "
                  f"({env['vector_speedup']:.2f}x)")
+  if 'throughput' in results:
+    t = results['throughput']
+    lines.append(f"\nCollection (batched acting + env + replay), Pong Soft MoE: "
+                 f"{t['collection_1_env']:.0f} steps/s with 1 env, "
+                 f"{t['collection_8_envs']:.0f} with 8 ({t['collection_speedup']:.2f}x)")
+    lines.append(f"End to end at the protocol's replay ratio: "
+                 f"{t['end_to_end_1_env']:.0f} steps/s (1 env), "
+                 f"{t['end_to_end_8_envs']:.0f} (8 envs, fused updates), "
+                 f"{t['end_to_end_8_envs_async']:.0f} (8 envs, async acting)")
+    for task in ('seeds_cartpole', 'seeds_pong'):
+      rates = t[task]
+      base = rates[min(rates)]
+      lines.append(f"{task}: total agent steps/s " + ', '.join(
+          f"S={s}: {r:.0f} ({r / base:.2f}x)" for s, r in rates.items()))
   return '\n'.join(lines)
 
 

@@ -1,11 +1,11 @@
 """`moerl`: the command line. Thin: every command calls an importable function.
 
-  moerl train  --base_dir D --gin_files F [--gin_files F2] [--gin_bindings B]...
+  moerl train  --base_dir D --gin_files F [--gin_files F2] [--gin_bindings B]... [--num_seeds S]
   moerl eval   --base_dir D [--episodes N]
   moerl params --gin_files F [--gin_bindings B]... [--num_actions 18] [--json]
   moerl sweep  SPEC --out DIR [--workers N] [--backend local|ray] [--dry_run]
   moerl plot   DIR [--out OUT]
-  moerl bench  [--networks] [--agent] [--envs] [--quick] [--json]
+  moerl bench  [--networks] [--agent] [--envs] [--throughput] [--quick] [--json]
 
 Exit codes: 0 success, 1 a run failed, 2 bad input (one line on stderr, no
 traceback, nothing on disk damaged), 130 interrupted.
@@ -48,6 +48,10 @@ def cmd_train(args) -> int:
   if not args.gin_files:
     raise UsageError('--gin_files is required: name a config such as '
                      'dqn_softmoe.gin or a path to a .gin file.')
+  if args.num_seeds < 1:
+    raise UsageError(f'--num_seeds={args.num_seeds} must be >= 1.')
+  if args.num_seeds > 1:
+    return _train_seeds(args)
   runner = _build_runner(args.base_dir, args.gin_files, args.gin_bindings)
   try:
     runner.run_experiment(gin.operative_config_str())
@@ -57,6 +61,35 @@ def cmd_train(args) -> int:
     runner.close()
   print(f'done: metrics in {os.path.join(args.base_dir, "metrics.jsonl")}; '
         f'view with: tensorboard --logdir {args.base_dir}', file=sys.stderr)
+  return EXIT_OK
+
+
+def _train_seeds(args) -> int:
+  """--num_seeds S: seeds k..k+S-1 (k = Runner.seed) in <base_dir>/seed<k>."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from experiments import gin_config  # pylint: disable=g-import-not-at-top
+  from experiments.run_dir import RunDirError  # pylint: disable=g-import-not-at-top
+  from experiments.seed_group import SeedGroup  # pylint: disable=g-import-not-at-top
+  gin_config.load(args.gin_files, args.gin_bindings)
+  try:
+    first_seed = int(gin.query_parameter('Runner.seed'))
+  except ValueError:
+    first_seed = 0
+  runners, configs = [], []
+  for seed in range(first_seed, first_seed + args.num_seeds):
+    base_dir = os.path.join(args.base_dir, f'seed{seed}')
+    runners.append(_build_runner(base_dir, args.gin_files,
+                                 args.gin_bindings + [f'Runner.seed = {seed}']))
+    configs.append(gin.operative_config_str())
+  group = SeedGroup(runners)
+  try:
+    group.run_experiment(configs)
+  except RunDirError as e:
+    raise UsageError(str(e)) from None
+  finally:
+    group.close()
+  print(f'done: {args.num_seeds} seeds in {args.base_dir}/seed*; view with: '
+        f'tensorboard --logdir {args.base_dir}', file=sys.stderr)
   return EXIT_OK
 
 
@@ -154,6 +187,51 @@ def cmd_bench(args) -> int:
   return EXIT_OK
 
 
+def cmd_experts(args) -> int:
+  from experiments import experts  # pylint: disable=g-import-not-at-top
+  from experiments.run_dir import RunDir, RunDirError  # pylint: disable=g-import-not-at-top
+  config = RunDir(args.base_dir).config_path
+  if not os.path.isfile(config):
+    raise UsageError(f'{args.base_dir} is not a moerl run (no config.gin); '
+                     'pass the --base_dir of a `moerl train` run.')
+  if args.states < 1:
+    raise UsageError(f'--states={args.states} must be >= 1.')
+  if args.episodes < 0:
+    raise UsageError(f'--episodes={args.episodes} must be >= 0.')
+  try:
+    keep = experts.parse_keep(args.keep)
+  except experts.ExpertAnalysisError as e:
+    raise UsageError(str(e)) from None
+  runner = _build_runner(args.base_dir, [config], [], num_envs=1)
+  try:
+    experts.check_analysis_input(runner.agent.network, keep)
+    iteration = runner.restore_agent()
+    result = experts.expert_subset_analysis(
+        runner, keep, num_states=args.states, num_episodes=args.episodes,
+        seed=args.seed, checkpoint_iteration=iteration)
+  except (experts.ExpertAnalysisError, RunDirError) as e:
+    raise UsageError(str(e)) from None
+  finally:
+    runner.close()
+  files = experts.write_outputs(result, args.base_dir)
+  print(experts.format_table(result))
+  print(f'checkpoint of iteration {iteration}; wrote {", ".join(files)}')
+  return EXIT_OK
+
+
+def cmd_representation(args) -> int:
+  from experiments import representation  # pylint: disable=g-import-not-at-top
+  try:
+    result = representation.run_representation(
+        args.out, experts=representation.parse_experts(args.experts),
+        steps=args.steps, seed=args.seed)
+  except representation.RepresentationError as e:
+    raise UsageError(str(e)) from None
+  print(representation.format_table(result))
+  print(f'wrote {", ".join(result["files"])}')
+  return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='moerl', description='Mixtures of Experts in deep RL value networks.')
@@ -168,6 +246,9 @@ def _parser() -> argparse.ArgumentParser:
   p = sub.add_parser('train', help='train an agent (resumes if base_dir has a checkpoint)')
   p.add_argument('--base_dir', required=True)
   gin_args(p)
+  p.add_argument('--num_seeds', type=int, default=1,
+                 help='train seeds k..k+S-1 (k = Runner.seed) in one process, '
+                      'vmapped, each in <base_dir>/seed<k>')
   p.set_defaults(func=cmd_train)
 
   p = sub.add_parser('eval', help='evaluate the latest checkpoint of a run')
@@ -207,9 +288,35 @@ def _parser() -> argparse.ArgumentParser:
                  const='agent', help='end-to-end Dopamine protocol and replay')
   p.add_argument('--envs', dest='sections', action='append_const',
                  const='envs', help='environment steps/s, single and vector')
+  p.add_argument('--throughput', dest='sections', action='append_const',
+                 const='throughput',
+                 help='vector envs, fused updates, async acting, many seeds')
   p.add_argument('--quick', action='store_true', help='fewer repetitions')
   p.add_argument('--json', action='store_true')
   p.set_defaults(func=cmd_bench)
+
+  p = sub.add_parser('experts', help='top-k expert subsets of a Soft MoE run '
+                     '(Chung et al.): agreement with the full network')
+  p.add_argument('--base_dir', required=True)
+  p.add_argument('--keep', default='1,2,4',
+                 help='comma-separated numbers of experts kept (default 1,2,4)')
+  p.add_argument('--states', type=int, default=500,
+                 help='states visited by the greedy agent to score')
+  p.add_argument('--episodes', type=int, default=3,
+                 help='episodes per pruned agent (0 skips them)')
+  p.add_argument('--seed', type=int, default=0)
+  p.set_defaults(func=cmd_experts)
+
+  p = sub.add_parser('representation', help='1 vs many Soft MoE experts at '
+                     'equal parameter count fitting ||x||^2 (Chung et al.)')
+  p.add_argument('--out', default='runs/representation',
+                 help='output directory for representation.json/.png')
+  p.add_argument('--steps', type=int, default=None,
+                 help='Adam steps per model (default: the module default)')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--experts', default='1,8',
+                 help='comma-separated expert counts; 1 is the single-expert control')
+  p.set_defaults(func=cmd_representation)
   return parser
 
 
