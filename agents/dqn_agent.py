@@ -167,7 +167,7 @@ def router_gradient_norm(grads) -> Dict[str, jax.Array]:
   leaves = [routing[k] for k in ('phi', 'router') if k in routing]
   if not leaves:
     return {}
-  return {'moe/router_grad_norm': optax.global_norm(leaves)}
+  return {'moe/router_grad_norm': optax.tree.norm(leaves)}
 
 
 def fuse_train_steps(train_step):
