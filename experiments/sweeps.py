@@ -88,6 +88,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
+from experiments.run_dir import SWEEP_LOG
+
 
 class SweepError(ValueError):
     """Bad sweep input; the message is one sentence naming the problem and the fix."""
@@ -614,7 +616,7 @@ def _failure_reason(run_dir: Path, returncode: int | None, error: str | None) ->
     if error:
         return error
     status = read_status(run_dir)
-    last = _last_log_line(run_dir / "sweep.log")
+    last = _last_log_line(run_dir / SWEEP_LOG)
     if last:
         reason = last
     elif status and status.get("error"):
@@ -638,7 +640,7 @@ def _execute(cmd: list[str], run_dir: str, procs: set | None = None,
     start = time.monotonic()
     os.makedirs(run_dir, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(os.path.join(run_dir, "sweep.log"), "ab") as log:
+    with open(os.path.join(run_dir, SWEEP_LOG), "ab") as log:
         stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         log.write(f"=== sweep {stamp}: {shlex.join(cmd)}\n".encode())
         log.flush()
@@ -670,7 +672,7 @@ def _ray_task(cmd: list[str], run_dir: str) -> tuple[int | None, float, str | No
     start = _time.monotonic()
     _os.makedirs(run_dir, exist_ok=True)
     env = dict(_os.environ, PYTHONUNBUFFERED="1")
-    with open(_os.path.join(run_dir, "sweep.log"), "ab") as log:
+    with open(_os.path.join(run_dir, SWEEP_LOG), "ab") as log:
         stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
         log.write(f"=== sweep {stamp}: {_shlex.join(cmd)}\n".encode())
         log.flush()
