@@ -222,7 +222,7 @@ def _collection_rate(num_envs: int, steps: int) -> float:
   runner = _runner('dqn_softmoe.gin', [
       f'Runner.num_envs = {num_envs}', 'DQNAgent.min_replay_history = 10000000',
       'DQNAgent.replay_capacity = 80000'])
-  phase = runner.new_phase(runner.env, 10, False, 0)
+  phase = runner.new_phase(runner.env, 10 ** 9, False, 0)  # never ends
   for _ in range(5):  # compile
     phase.step(runner.agent.select_actions(phase.observations))
   start, taken = time.perf_counter(), 0

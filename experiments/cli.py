@@ -4,6 +4,7 @@
   moerl eval   --base_dir D [--episodes N]
   moerl params --gin_files F [--gin_bindings B]... [--num_actions 18] [--json]
   moerl sweep  SPEC --out DIR [--workers N] [--backend local|ray] [--dry_run]
+               [--seeds_per_process]
   moerl plot   DIR [--out OUT]
   moerl bench  [--networks] [--agent] [--envs] [--throughput] [--quick] [--json]
 
@@ -156,7 +157,8 @@ def cmd_sweep(args) -> int:
         ray_address=args.ray_address, dry_run=args.dry_run,
         command_prefix=(sys.executable, '-m', 'experiments.cli', 'train'),
         validate_binding=gin_config.validate_binding,
-        cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
+        cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+        seeds_per_process=args.seeds_per_process)
   except sweeps.SweepError as e:
     raise UsageError(str(e)) from None
   return EXIT_FAILED if result.failed else EXIT_OK
@@ -272,6 +274,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--cpus_per_run', type=float, default=1.0)
   p.add_argument('--gpus_per_run', type=float, default=0.0)
   p.add_argument('--dry_run', action='store_true', help='print the plan, run nothing')
+  p.add_argument('--seeds_per_process', action='store_true',
+                 help='train consecutive seeds of a run in one process '
+                      '(moerl train --num_seeds)')
   p.set_defaults(func=cmd_sweep)
 
   p = sub.add_parser('plot', help='learning and scaling curves from runs under DIR')

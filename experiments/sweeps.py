@@ -165,6 +165,58 @@ class RunSpec:
         return cmd
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One subprocess: a single run, or consecutive seeds of one run trained
+    together by ``moerl train --num_seeds`` (``members`` are the runs it writes)."""
+
+    run: RunSpec  # what to launch; its name is the job's --base_dir
+    members: tuple[RunSpec, ...]
+    extra_args: tuple[str, ...] = ()
+
+    def command(self, out: Path, command_prefix: Sequence[str]) -> list[str]:
+        return [*self.run.command(out / self.run.name, command_prefix), *self.extra_args]
+
+
+def group_seeds(spec: "SweepSpec", runs: Sequence[RunSpec]) -> list[Job]:
+    """Jobs that train consecutive seeds of otherwise identical runs in one process.
+
+    Needs run names ending in ``/seed{seed}`` (the default template does) and the
+    seed bound through ``Runner.seed``: ``moerl train --num_seeds S`` writes seed k to
+    ``<base_dir>/seed<k>``, exactly where the lone run would have gone.
+    """
+    if spec.seed_binding != DEFAULT_SEED_BINDING:
+        raise SweepError(f"--seeds_per_process needs seeds bound through "
+                         f"{DEFAULT_SEED_BINDING!r}, not {spec.seed_binding!r}; drop the flag")
+    groups: dict[tuple, list[RunSpec]] = {}
+    for r in runs:
+        head, _, tail = r.name.rpartition("/")
+        if r.seed is None or not head or tail != f"seed{r.seed}":
+            raise SweepError(f"--seeds_per_process needs run names ending in '/seed{{seed}}', "
+                             f"got {r.name!r}; fix name_template or drop the flag")
+        own = f"{spec.seed_binding} = {r.seed}"
+        key = (head, r.gin_files, tuple(b for b in r.bindings if b != own))
+        groups.setdefault(key, []).append(r)
+    jobs = []
+    for (head, _, rest), members in groups.items():
+        members.sort(key=lambda m: m.seed)
+        block = [members[0]]
+        for m in members[1:] + [None]:
+            if m is not None and m.seed == block[-1].seed + 1:
+                block.append(m)
+                continue
+            if len(block) == 1:
+                jobs.append(Job(block[0], (block[0],)))
+            else:
+                first = block[0]
+                launcher = dataclasses.replace(
+                    first, name=head,
+                    bindings=(*rest, f"{spec.seed_binding} = {first.seed}"))
+                jobs.append(Job(launcher, tuple(block), ("--num_seeds", str(len(block)))))
+            block = [m]
+    return jobs
+
+
 @dataclasses.dataclass
 class RunOutcome:
     """What happened to one run: state is 'done', 'failed' or 'skipped'."""
@@ -801,10 +853,13 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
               command_prefix: Sequence[str] = ("moerl", "train"),
               validate_binding: Callable[[str], None] | None = None,
               cpus_per_run: float = 1, gpus_per_run: float = 0.0,
+              seeds_per_process: bool = False,
               stream: TextIO | None = None) -> SweepResult:
     """Expand the spec at ``spec_path`` and run every unfinished run into ``out_dir/<name>``.
 
-    See the module docstring for the output layout and backends. Raises SweepError for bad
+    With ``seeds_per_process``, consecutive seeds of one run share a process
+    (``moerl train --num_seeds``; see ``group_seeds``). See the module docstring for
+    the output layout and backends. Raises SweepError for bad
     input before any run starts; a failing run is recorded in ``SweepResult.failed`` and does
     not stop the others.
     """
@@ -858,12 +913,19 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
             result.failed.append(outcome)
         progress.finished(outcome)
 
+    jobs = (group_seeds(spec, todo) if seeds_per_process
+            else [Job(r, (r,)) for r in todo])
+
+    def record_job(job: Job, rc: int | None, seconds: float, error: str | None) -> None:
+        for member in job.members:
+            record(member, rc, seconds, error)
+
     try:
-        if todo and backend == "local":
-            _run_local(todo, out, workers, command_prefix, record)
-        elif todo:
-            _run_ray(todo, out, workers, ray_address, command_prefix, cpus_per_run,
-                     gpus_per_run, record)
+        if jobs and backend == "local":
+            _run_local(jobs, out, workers, command_prefix, record_job)
+        elif jobs:
+            _run_ray(jobs, out, workers, ray_address, command_prefix, cpus_per_run,
+                     gpus_per_run, record_job)
     finally:
         progress.close()
 
@@ -874,12 +936,12 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
     return result
 
 
-def _run_local(todo, out: Path, workers: int, command_prefix, record) -> None:
+def _run_local(jobs, out: Path, workers: int, command_prefix, record) -> None:
     procs: set = set()
     lock = threading.Lock()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    futures = {pool.submit(_execute, r.command(out / r.name, command_prefix),
-                           str(out / r.name), procs, lock): r for r in todo}
+    futures = {pool.submit(_execute, job.command(out, command_prefix),
+                           str(out / job.run.name), procs, lock): job for job in jobs}
     try:
         for fut in concurrent.futures.as_completed(futures):
             record(futures[fut], *fut.result())
@@ -894,7 +956,7 @@ def _run_local(todo, out: Path, workers: int, command_prefix, record) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_ray(todo, out: Path, workers: int, ray_address, command_prefix, cpus_per_run,
+def _run_ray(jobs, out: Path, workers: int, ray_address, command_prefix, cpus_per_run,
              gpus_per_run, record) -> None:
     try:
         import ray
@@ -915,8 +977,8 @@ def _run_ray(todo, out: Path, workers: int, ray_address, command_prefix, cpus_pe
         started = True
     try:
         task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run)(_ray_task)
-        refs = {task.remote(r.command(out / r.name, command_prefix), str(out / r.name)): r
-                for r in todo}
+        refs = {task.remote(job.command(out, command_prefix), str(out / job.run.name)): job
+                for job in jobs}
         pending = list(refs)
         try:
             while pending:

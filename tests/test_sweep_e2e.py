@@ -110,3 +110,18 @@ def test_ray_backend(tmp_path):
   returns = [read_metrics(os.path.join(out, r, 'metrics.jsonl'))[-1]['agent_steps']
              for r in _runs(out)]
   assert np.all(np.array(returns) == 600)
+
+
+def test_seeds_per_process(tmp_path):
+  spec, out = _write_spec(tmp_path), str(tmp_path / 'sweep')
+  assert cli.main(['sweep', spec, '--out', out, '--workers', '2',
+                   '--seeds_per_process']) == 0
+  assert _runs(out) == ['e1/seed0', 'e1/seed1', 'e2/seed0', 'e2/seed1']
+  # One process per expert count: its log sits above the seed directories.
+  for group in ('e1', 'e2'):
+    log = open(os.path.join(out, group, 'sweep.log')).read()
+    assert '--num_seeds 2' in log
+    assert not os.path.exists(os.path.join(out, group, 'seed0', 'sweep.log'))
+  for run in _runs(out):
+    metrics = read_metrics(os.path.join(out, run, 'metrics.jsonl'))
+    assert [m['seed'] for m in metrics] == [int(run[-1])] * 2
