@@ -300,7 +300,7 @@ def _legend(fig, axes_list) -> None:
                 handles[l] = h
     if handles:
         order = sorted(handles)
-        fig.legend([handles[l] for l in order], order, loc="outside right upper",
+        fig.legend([handles[l] for l in order], order, loc="outside right center",
                    fontsize="small", frameon=False)
 
 
@@ -424,7 +424,10 @@ def _scaling_lines(runs: Sequence[Run]) -> dict[str, list[Run]]:
         per_scale = defaultdict(set)
         for r in rs:
             per_scale[_hashable(r.scale)].add(r.variant)
-        if any(len(v) > 1 for v in per_scale.values()):
+        variants = {r.variant for r in rs}
+        if any(len(v) > 1 for v in per_scale.values()) or len(variants) == 1:
+            # One variant per line: label it as the learning curves do, so a
+            # variant keeps its colour in every figure.
             for r in rs:
                 lines.setdefault(r.variant, []).append(r)
         else:

@@ -1,0 +1,386 @@
+"""The DQN / Rainbow agents: action selection, schedules, the jitted train step,
+target syncs, fused steps, auxiliary MoE losses, priorities, noisy nets and
+the replay ratio of the batched `record`."""
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agents.dqn_agent import DQNAgent, linearly_decaying_epsilon
+from agents.rainbow_agent import RainbowAgent
+from experiments import gin_config
+
+OBS_DIM = 4
+NUM_ACTIONS = 3
+
+MLP_BINDINGS = [
+    "QNetwork.encoder = 'mlp'",
+    'MLPEncoder.hidden_units = (32,)',
+    "QNetwork.penultimate = 'dense'",
+    'DensePenultimate.hidden_units = 32',
+]
+
+
+def _copy(tree):
+  return jax.tree_util.tree_map(jnp.array, tree)
+
+
+def _leaves_equal(a, b) -> bool:
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree_util.tree_leaves(a),
+                             jax.tree_util.tree_leaves(b)))
+
+
+def _make_agent(extra_bindings=(), cls=DQNAgent, num_envs=1, seed=0, **kwargs):
+  gin_config.load([], MLP_BINDINGS + list(extra_bindings))
+  defaults = dict(min_replay_history=64, batch_size=8, replay_capacity=1000)
+  defaults.update(kwargs)
+  return cls(NUM_ACTIONS, (OBS_DIM,), np.float32, 1, num_envs=num_envs,
+             seed=seed, **defaults)
+
+
+def _random_batch(rng, batch_size=8, prioritized=False):
+  batch = {
+      'obs_tm1': rng.normal(size=(batch_size, OBS_DIM)).astype(np.float32),
+      'a_tm1': rng.integers(0, NUM_ACTIONS, size=batch_size).astype(np.int32),
+      'r_t': rng.normal(size=batch_size).astype(np.float32),
+      'discount_t': np.full(batch_size, 0.99, np.float32),
+      'obs_t': rng.normal(size=(batch_size, OBS_DIM)).astype(np.float32),
+  }
+  if prioritized:
+    batch['sampling_probabilities'] = rng.uniform(
+        0.01, 0.1, size=batch_size).astype(np.float32)
+  return batch
+
+
+def _fill_replay(agent, steps, rng, num_envs=1):
+  """Records `steps` calls of random transitions (episodes of 20 steps)."""
+  for t in range(steps):
+    obs = rng.normal(size=(num_envs, OBS_DIM)).astype(np.float32)
+    actions = rng.integers(0, NUM_ACTIONS, size=num_envs)
+    rewards = rng.normal(size=num_envs)
+    end = (t % 20) == 19
+    agent.record(obs, actions, rewards, np.full(num_envs, end),
+                 np.full(num_envs, end))
+
+
+# -- Action selection ------------------------------------------------------------
+
+
+def test_select_actions_shape_and_dtype():
+  agent = _make_agent()
+  obs = np.random.default_rng(0).normal(size=(5, OBS_DIM)).astype(np.float32)
+  actions = agent.select_actions(obs)
+  assert isinstance(actions, np.ndarray)
+  assert actions.shape == (5,)
+  assert np.issubdtype(actions.dtype, np.integer)
+  assert np.all((actions >= 0) & (actions < NUM_ACTIONS))
+
+
+def test_epsilon_one_is_uniform_and_epsilon_zero_is_greedy():
+  agent = _make_agent()
+  params = agent.state.online_params
+  n = 6000
+  obs = np.random.default_rng(1).normal(size=(n, OBS_DIM)).astype(np.float32)
+  random_actions = np.asarray(
+      agent._select_action(params, obs, jax.random.PRNGKey(7), 1.0))
+  counts = np.bincount(random_actions, minlength=NUM_ACTIONS)
+  expected = n / NUM_ACTIONS
+  sigma = np.sqrt(n * (1 / NUM_ACTIONS) * (1 - 1 / NUM_ACTIONS))
+  assert np.all(np.abs(counts - expected) < 5 * sigma), counts
+  greedy = np.asarray(agent.network.apply({'params': params}, obs).q_values
+                      ).argmax(-1)
+  # Greedy must be non-trivial for the comparison to mean something.
+  assert len(np.unique(greedy)) > 1
+  # With epsilon 1 the actions do not follow the greedy ones.
+  assert np.mean(random_actions == greedy) < 0.5
+  for seed in range(3):
+    actions = np.asarray(
+        agent._select_action(params, obs, jax.random.PRNGKey(seed), 0.0))
+    np.testing.assert_array_equal(actions, greedy)
+
+
+def test_epsilon_schedule_matches_dopamine():
+  agent = _make_agent(min_replay_history=100, epsilon_decay_period=1000,
+                      epsilon_train=0.01, epsilon_eval=0.05)
+  # Dopamine: steps_left = decay + warmup - step;
+  # eps = epsilon + clip((1 - epsilon) * steps_left / decay, 0, 1 - epsilon).
+  hand = {0: 1.0, 50: 1.0, 100: 1.0, 350: 0.7525, 600: 0.505, 850: 0.2575,
+          1100: 0.01, 5000: 0.01}
+  for step, value in hand.items():
+    assert linearly_decaying_epsilon(1000, step, 100, 0.01) == pytest.approx(
+        value, abs=1e-12)
+    agent.training_steps = step
+    assert agent.epsilon() == pytest.approx(value, abs=1e-12)
+  agent.eval_mode = True
+  assert agent.epsilon() == pytest.approx(0.05)
+
+
+def test_rainbow_noisy_epsilon_is_constant_but_not_noisy_decays():
+  noisy = _make_agent(cls=RainbowAgent, num_atoms=11, min_replay_history=100,
+                      epsilon_decay_period=1000, epsilon_train=0.01)
+  noisy.training_steps = 0
+  assert noisy.epsilon() == pytest.approx(0.01)
+  plain = _make_agent(cls=RainbowAgent, num_atoms=11, noisy=False,
+                      min_replay_history=100, epsilon_decay_period=1000,
+                      epsilon_train=0.01)
+  plain.training_steps = 600
+  assert plain.epsilon() == pytest.approx(0.505)
+
+
+# -- Train step ------------------------------------------------------------------
+
+
+def test_target_network_syncs_every_target_period_over_update_period():
+  agent = _make_agent(update_period=4, target_update_period=40)  # every 10 steps
+  rng = np.random.default_rng(0)
+  state = agent.state
+  initial = _copy(state.online_params)
+  online_at_10 = None
+  for step in range(1, 23):
+    state, _ = agent.train_step(state, _random_batch(rng))
+    assert int(state.step) == step
+    online, target = state.online_params, state.target_params
+    assert not _leaves_equal(online, initial)
+    if step < 10:
+      assert _leaves_equal(target, initial), step
+      assert not _leaves_equal(target, online), step
+    elif step == 10 or step == 20:
+      assert _leaves_equal(target, online), step
+      online_at_10 = _copy(online) if step == 10 else online_at_10
+    elif step < 20:
+      assert _leaves_equal(target, online_at_10), step
+      assert not _leaves_equal(target, online), step
+    else:  # 21, 22
+      assert not _leaves_equal(target, online), step
+      assert not _leaves_equal(target, online_at_10), step
+
+
+def test_train_step_compiles_once():
+  agent = _make_agent(min_replay_history=32, update_period=1)
+  _fill_replay(agent, 80, np.random.default_rng(0))
+  assert int(agent.state.step) >= 40  # real replay batches went through it
+  assert agent.train_step._cache_size() == 1
+
+
+def test_fused_steps_equal_sequential_steps():
+  agent = _make_agent(update_period=1, target_update_period=3)  # syncs inside
+  rng = np.random.default_rng(0)
+  k = 5
+  batches = [_random_batch(rng) for _ in range(k)]
+  stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
+  state0 = _copy(agent.state)
+
+  sequential = _copy(state0)
+  losses = []
+  for batch in batches:
+    sequential, metrics = agent.train_step(sequential, batch)
+    losses.append(float(metrics['loss']))
+  fused, fused_metrics = agent.train_steps(_copy(state0), stacked)
+
+  assert int(fused.step) == int(sequential.step) == k
+  for a, b in zip(jax.tree_util.tree_leaves(fused.online_params),
+                  jax.tree_util.tree_leaves(sequential.online_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(fused.target_params),
+                  jax.tree_util.tree_leaves(sequential.target_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(fused.rng),
+                                np.asarray(sequential.rng))
+  assert np.asarray(fused_metrics['loss']).shape == (k,)
+  np.testing.assert_allclose(np.asarray(fused_metrics['loss']), losses,
+                             rtol=1e-5, atol=1e-6)
+  # And the state did move: this is not a comparison of two no-ops.
+  assert not _leaves_equal(fused.online_params, state0.online_params)
+
+
+def test_train_step_loss_is_the_td_loss_of_the_batch():
+  agent = _make_agent(loss_type='huber')
+  batch = _random_batch(np.random.default_rng(3))
+  params = _copy(agent.state.online_params)
+  state, metrics = agent.train_step(_copy(agent.state), batch)
+  q_tm1 = np.asarray(agent.network.apply({'params': params},
+                                         batch['obs_tm1']).q_values)
+  q_t = np.asarray(agent.network.apply({'params': params},
+                                       batch['obs_t']).q_values)  # target = online at init
+  target = batch['r_t'] + batch['discount_t'] * q_t.max(-1)
+  td = target - q_tm1[np.arange(len(target)), batch['a_tm1']]
+  huber = np.where(np.abs(td) <= 1, 0.5 * td ** 2, np.abs(td) - 0.5)
+  np.testing.assert_allclose(float(metrics['td_loss']), huber.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['loss']), huber.mean(), rtol=1e-5)
+  assert float(metrics['aux_loss']) == 0.0
+
+
+TOPK_BINDINGS = [
+    'MLPEncoder.num_tokens = 4',
+    "QNetwork.penultimate = 'topk'",
+    'TopKMoE.num_experts = 4',
+    'TopKMoE.k = 1',
+    'TopKMoE.expert_hidden_units = 16',
+]
+
+
+def test_moe_aux_loss_is_added_to_the_td_loss():
+  agent = _make_agent(TOPK_BINDINGS + ['TopKMoE.load_loss_weight = 1.0'])
+  batch = _random_batch(np.random.default_rng(4), batch_size=16)
+  params = _copy(agent.state.online_params)
+  state, metrics = agent.train_step(_copy(agent.state), batch)
+  td, aux, total = (float(metrics[k]) for k in ('td_loss', 'aux_loss', 'loss'))
+  assert aux > 0
+  assert total == pytest.approx(td + aux, rel=1e-6)
+  # The aux loss is the network's load loss on obs_tm1 under the old params.
+  out = jax.jit(lambda p, x: agent.network.apply({'params': p}, x))(
+      params, batch['obs_tm1'])
+  assert aux == pytest.approx(float(out.aux_loss), rel=1e-5)
+  assert aux == pytest.approx(float(out.diagnostics['load_loss']), rel=1e-5)
+
+  # It is in the gradient, not only reported: same init, weight 0 vs 1.
+  agent0 = _make_agent(TOPK_BINDINGS + ['TopKMoE.load_loss_weight = 0.0'])
+  assert _leaves_equal(agent0.state.online_params, params)
+  state0, metrics0 = agent0.train_step(_copy(agent0.state), batch)
+  assert float(metrics0['aux_loss']) == 0.0
+  assert float(metrics0['td_loss']) == pytest.approx(td, rel=1e-6)
+  router = lambda p: p['penultimate']['router']['kernel']
+  assert not np.allclose(np.asarray(router(state.online_params)),
+                         np.asarray(router(state0.online_params)))
+
+
+# -- Rainbow ---------------------------------------------------------------------
+
+
+def test_rainbow_updates_priorities_after_a_train_step():
+  agent = _make_agent(cls=RainbowAgent, num_atoms=11, min_replay_history=10**6)
+  _fill_replay(agent, 100, np.random.default_rng(5))
+  assert int(agent.state.step) == 0
+  replay = agent.replay
+  valid = replay.valid_indices()
+  before = replay.get_priorities(valid)
+  np.testing.assert_array_equal(before, 1.0)  # the initial max priority
+
+  sampled = []
+  original_sample = replay.sample
+
+  def spy(*args, **kwargs):
+    batch = original_sample(*args, **kwargs)
+    assert 'sampling_probabilities' in batch
+    sampled.append(batch['indices'].copy())
+    return batch
+
+  replay.sample = spy
+  agent.train_once()
+  assert int(agent.state.step) == 1
+  (indices,) = sampled
+  after = replay.get_priorities(valid)
+  changed = np.isin(valid, indices)
+  assert np.all(np.isfinite(after)) and np.all(after > 0)
+  # Every sampled transition got a new priority sqrt(loss + 1e-10) != 1 ...
+  assert np.all(after[changed] != 1.0)
+  # ... and is the cross-entropy's square root: C51 losses here are around
+  # log(11) ~ 2.4, so priorities are around 1.5.
+  assert np.all((after[changed] > 0.5) & (after[changed] < 3.0))
+  # The others kept theirs.
+  np.testing.assert_array_equal(after[~changed], 1.0)
+
+
+def test_rainbow_train_step_prioritized_metrics():
+  agent = _make_agent(cls=RainbowAgent, num_atoms=11)
+  batch = _random_batch(np.random.default_rng(6), prioritized=True)
+  _, metrics = agent.train_step(_copy(agent.state), batch)
+  priorities = np.asarray(metrics['priorities'])
+  assert priorities.shape == (8,)
+  assert np.all(priorities > 0)
+  # Importance-weighted mean (weights normalised by their max) is at most the
+  # plain mean of per-sample losses priorities**2.
+  per_sample = priorities ** 2 - 1e-10
+  weights = 1 / np.sqrt(batch['sampling_probabilities'])
+  weights /= weights.max()
+  np.testing.assert_allclose(float(metrics['td_loss']),
+                             np.mean(weights * per_sample), rtol=1e-4)
+
+
+def test_noisy_nets_are_deterministic_in_eval_and_noisy_in_training():
+  agent = _make_agent(cls=RainbowAgent, num_atoms=11, epsilon_eval=0.0,
+                      epsilon_train=0.0)
+  obs = np.random.default_rng(7).normal(size=(256, OBS_DIM)).astype(np.float32)
+  params = agent.state.online_params
+
+  agent.eval_mode = True
+  assert agent.epsilon() == 0.0
+  eval_actions = [agent.select_actions(obs) for _ in range(4)]  # new key each
+  for actions in eval_actions[1:]:
+    np.testing.assert_array_equal(actions, eval_actions[0])
+  for seed in range(3):
+    np.testing.assert_array_equal(
+        np.asarray(agent._select_action(params, obs, jax.random.PRNGKey(seed),
+                                        0.0, deterministic=True)),
+        eval_actions[0])
+
+  agent.eval_mode = False
+  q = [np.asarray(agent.network.apply({'params': params}, obs,
+                                      deterministic=False,
+                                      rngs={'noise': jax.random.PRNGKey(s)}
+                                      ).q_values) for s in range(2)]
+  assert not np.allclose(q[0], q[1])
+  q_det = [np.asarray(agent.network.apply({'params': params}, obs,
+                                          deterministic=True,
+                                          rngs={'noise': jax.random.PRNGKey(s)}
+                                          ).q_values) for s in range(2)]
+  np.testing.assert_array_equal(q_det[0], q_det[1])
+  train_actions = [agent.select_actions(obs) for _ in range(2)]
+  assert not np.array_equal(train_actions[0], train_actions[1])
+
+
+# -- Replay ratio ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('num_envs', [1, 2, 8])
+def test_record_keeps_one_update_per_update_period_agent_steps(num_envs):
+  warmup = 48
+  agent = _make_agent(num_envs=num_envs, min_replay_history=warmup,
+                      update_period=4)
+  rng = np.random.default_rng(8)
+  total_steps = 0
+  for _ in range(448 // num_envs):
+    obs = rng.normal(size=(num_envs, OBS_DIM)).astype(np.float32)
+    agent.record(obs, rng.integers(0, NUM_ACTIONS, num_envs),
+                 np.zeros(num_envs), np.zeros(num_envs, bool),
+                 np.zeros(num_envs, bool))
+    total_steps += num_envs
+    if total_steps <= warmup:
+      assert int(agent.state.step) == 0
+  assert agent.training_steps == total_steps == 448
+  # Training starts once more than `warmup` transitions are stored; from then
+  # on every update_period agent steps (over all envs) give one update:
+  # (448 - 48) / 4 = 100 gradient steps, whatever the number of envs (with 8
+  # envs, two updates are due per call).
+  assert int(agent.state.step) == (total_steps - warmup) / 4 == 100
+  assert agent.pop_metrics()['loss'] > 0
+
+
+def test_record_counts_only_active_envs():
+  agent = _make_agent(num_envs=2, min_replay_history=10**6)
+  obs = np.zeros((2, OBS_DIM), np.float32)
+  agent.record(obs, np.array([0, 1]), np.zeros(2), np.zeros(2, bool),
+               np.zeros(2, bool), active=np.array([True, False]))
+  assert agent.training_steps == 1
+  agent.record(obs, np.array([0, 1]), np.zeros(2), np.zeros(2, bool),
+               np.zeros(2, bool))
+  assert agent.training_steps == 3
+
+
+def test_single_env_dopamine_interface_trains():
+  agent = _make_agent(min_replay_history=20, update_period=1)
+  rng = np.random.default_rng(9)
+  for _ in range(3):
+    action = agent.begin_episode(rng.normal(size=OBS_DIM).astype(np.float32))
+    assert 0 <= action < NUM_ACTIONS
+    for _ in range(15):
+      action = agent.step(1.0, rng.normal(size=OBS_DIM).astype(np.float32))
+      assert 0 <= action < NUM_ACTIONS
+    agent.end_episode(1.0)
+  assert agent.training_steps == 48
+  assert agent.replay.add_count == 48
+  # Updates once more than 20 records are stored: records 21..48.
+  assert int(agent.state.step) == 48 - 20

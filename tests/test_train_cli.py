@@ -1,0 +1,321 @@
+"""`moerl train` / `moerl eval` / `moerl params` end to end, in-process.
+
+A short Pong run with the Soft MoE config checks the run directory
+(config.gin, metrics.jsonl, TensorBoard events, status.json, checkpoints) and
+`moerl eval` on it; CartPole runs check determinism and refusals; every bad
+input gets one `moerl: error:` line, exit code 2 and leaves the disk as it was.
+"""
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from experiments import gin_config
+from experiments.cli import main
+
+PONG_ITERATIONS = 3
+PONG_STEPS = 300
+PONG_ARGS = [
+    '--gin_files', 'dqn_softmoe.gin',
+    '--gin_bindings', f'Runner.num_iterations = {PONG_ITERATIONS}',
+    '--gin_bindings', f'Runner.training_steps = {PONG_STEPS}',
+    '--gin_bindings', 'DQNAgent.min_replay_history = 200',
+    '--gin_bindings', 'DQNAgent.replay_capacity = 3000',
+    '--gin_bindings', 'DQNAgent.batch_size = 8',
+    '--gin_bindings', 'Runner.max_steps_per_episode = 150',
+]
+CARTPOLE_ARGS = [
+    '--gin_files', 'cartpole_dqn.gin',
+    '--gin_bindings', 'Runner.num_iterations = 2',
+    '--gin_bindings', 'Runner.training_steps = 400',
+    '--gin_bindings', 'Runner.evaluation_steps = 200',
+    '--gin_bindings', 'DQNAgent.min_replay_history = 100',
+    '--gin_bindings', 'DQNAgent.batch_size = 32',
+    '--gin_bindings', 'MLPEncoder.hidden_units = (32,)',
+    '--gin_bindings', 'DensePenultimate.hidden_units = 32',
+]
+DESIGN_KEYS = ('iteration', 'agent_steps', 'frames', 'train_episode_return_mean',
+               'train_episodes', 'eval_episode_return_mean',
+               'agent_steps_per_second', 'loss', 'game', 'seed', 'penultimate',
+               'num_experts', 'num_params')
+TIMING_KEYS = ('agent_steps_per_second', 'train_seconds')
+
+
+def _run_cli(argv):
+  """main(argv) with stdout and stderr captured: (exit code, stdout, stderr)."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = main(argv)
+  return code, out.getvalue(), err.getvalue()
+
+
+def _read_metrics(base_dir):
+  with open(os.path.join(base_dir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f.read().splitlines()]
+
+
+def _snapshot(base_dir):
+  """{relative path: bytes} of every file under base_dir."""
+  files = {}
+  for directory, _, names in os.walk(base_dir):
+    for name in names:
+      path = os.path.join(directory, name)
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, base_dir)] = f.read()
+  return files
+
+
+def _assert_usage_error(code, stderr, *fragments):
+  assert code == 2, stderr
+  assert 'Traceback' not in stderr
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1, stderr
+  assert lines[0].startswith('moerl: error:'), stderr
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+# -- A short Pong run -------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def pong_run(tmp_path_factory):
+  base_dir = str(tmp_path_factory.mktemp('pong') / 'run')
+  code, _, err = _run_cli(['train', '--base_dir', base_dir] + PONG_ARGS)
+  assert code == 0, err
+  return base_dir, err
+
+
+def test_train_writes_config_and_status(pong_run):
+  base_dir, err = pong_run
+  with open(os.path.join(base_dir, 'config.gin'), encoding='utf-8') as f:
+    config = f.read()
+  # The operative config: bindings and included-file values, resolved.
+  assert 'SoftMoE.num_experts = 8' in config
+  assert f'Runner.training_steps = {PONG_STEPS}' in config
+  assert 'DQNAgent.gamma = 0.99' in config
+  with open(os.path.join(base_dir, 'status.json'), encoding='utf-8') as f:
+    status = json.load(f)
+  assert status['state'] == 'done'
+  assert status['iteration'] == PONG_ITERATIONS
+  assert status['error'] is None
+  # One summary line per iteration on stderr, and the closing hint.
+  assert err.count('iteration ') >= PONG_ITERATIONS
+  assert 'done: metrics in' in err
+
+
+def test_train_metrics_jsonl_has_design_keys(pong_run):
+  base_dir, _ = pong_run
+  rows = _read_metrics(base_dir)
+  assert [r['iteration'] for r in rows] == list(range(PONG_ITERATIONS))
+  for i, row in enumerate(rows):
+    for key in DESIGN_KEYS:
+      assert key in row, key
+    assert row['agent_steps'] == (i + 1) * PONG_STEPS
+    assert row['frames'] == 4 * row['agent_steps']  # 4 frames per agent step
+    assert row['agent_steps_taken'] >= row['agent_steps']
+    assert row['game'] == 'pong'
+    assert row['seed'] == 0
+    assert row['penultimate'] == 'softmoe'
+    assert row['num_experts'] == 8
+    assert row['eval_episode_return_mean'] is None  # continuous_train
+    assert row['train_episodes'] >= 1  # episodes are capped at 150 steps
+    assert -21 <= row['train_episode_return_mean'] <= 21
+    assert row['agent_steps_per_second'] > 0
+    assert math.isfinite(row['loss']) and row['loss'] > 0
+  assert len({r['num_params'] for r in rows}) == 1
+  # num_params is the network's count: `moerl params` for Pong's 6 actions.
+  code, out, err = _run_cli(['params', '--json', '--num_actions', '6'] +
+                            PONG_ARGS[:2])
+  assert code == 0, err
+  assert rows[0]['num_params'] == json.loads(out)['total']
+
+
+def test_train_tensorboard_events_load_in_tensorboard(pong_run):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # pylint: disable=g-import-not-at-top
+  base_dir, _ = pong_run
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(base_dir))
+  accumulator = EventAccumulator(base_dir)
+  accumulator.Reload()
+  tags = set(accumulator.Tags()['scalars'])
+  for tag in ('agent_steps', 'frames', 'train_episode_return_mean',
+              'train_episodes', 'agent_steps_per_second', 'loss'):
+    assert tag in tags, tags
+  rows = _read_metrics(base_dir)
+  for tag in ('loss', 'agent_steps', 'train_episode_return_mean'):
+    events = accumulator.Scalars(tag)
+    assert [e.step for e in events] == list(range(PONG_ITERATIONS))
+    for event, row in zip(events, rows):
+      assert event.value == pytest.approx(row[tag], rel=1e-6)
+
+
+def test_train_keeps_the_last_two_checkpoints(pong_run):
+  base_dir, _ = pong_run
+  checkpoints = sorted(os.listdir(os.path.join(base_dir, 'checkpoints')))
+  assert checkpoints == [f'ckpt_{PONG_ITERATIONS - 2}',
+                         f'ckpt_{PONG_ITERATIONS - 1}']
+  for name in checkpoints:
+    assert os.path.isfile(os.path.join(base_dir, 'checkpoints', name,
+                                       'meta.json'))
+
+
+def test_eval_on_the_run(pong_run, tmp_path):
+  base_dir = str(tmp_path / 'copy')
+  shutil.copytree(pong_run[0], base_dir)
+  before = _snapshot(base_dir)
+  code, out, err = _run_cli(['eval', '--base_dir', base_dir, '--episodes', '1'])
+  assert code == 0, err
+  assert 'episode 0: return' in out
+  with open(os.path.join(base_dir, 'eval.json'), encoding='utf-8') as f:
+    result = json.load(f)
+  assert result['episodes'] == 1
+  assert len(result['returns']) == 1
+  assert -21 <= result['returns'][0] <= 21
+  assert result['return_mean'] == result['returns'][0]
+  assert result['checkpoint_iteration'] == PONG_ITERATIONS - 1
+  assert f"{result['returns'][0]:.2f}" in out
+  # eval adds eval.json and touches nothing else.
+  after = _snapshot(base_dir)
+  del after['eval.json']
+  assert after == before
+
+
+# -- CartPole: determinism and refusals ---------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def cartpole_runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('cartpole')
+  dirs = []
+  for name in ('a', 'b'):
+    base_dir = str(root / name)
+    code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS)
+    assert code == 0, err
+    dirs.append(base_dir)
+  return dirs
+
+
+def test_same_seed_and_config_give_identical_metrics(cartpole_runs):
+  first, second = (_read_metrics(d) for d in cartpole_runs)
+  assert [r['iteration'] for r in first] == [0, 1]
+  assert len(second) == len(first)
+  for a, b in zip(first, second):
+    assert set(a) == set(b)
+    for key in a:
+      if key not in TIMING_KEYS:
+        assert a[key] == b[key], key
+  # The metrics are those of a real run, not constants.
+  assert first[1]['eval_episode_return_mean'] is not None
+  assert first[0]['loss'] != first[1]['loss']
+
+
+def _copy_run(run_dir, tmp_path):
+  base_dir = str(tmp_path / 'run')
+  shutil.copytree(run_dir, base_dir)
+  return base_dir
+
+
+def test_refuses_a_base_dir_holding_a_different_config(cartpole_runs, tmp_path):
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  before = _snapshot(base_dir)
+  code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS +
+                          ['--gin_bindings', 'DQNAgent.gamma = 0.9'])
+  _assert_usage_error(code, err, 'different config')
+  assert _snapshot(base_dir) == before
+
+
+def test_refuses_a_corrupt_checkpoint(cartpole_runs, tmp_path):
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  target = os.path.join(base_dir, 'checkpoints', 'ckpt_1', 'pytrees',
+                        'agent.msgpack')
+  with open(target, 'rb') as f:
+    data = bytearray(f.read())
+  middle = len(data) // 2
+  for i in range(middle, middle + 16):
+    data[i] ^= 0xFF
+  with open(target, 'wb') as f:
+    f.write(data)
+  before = _snapshot(base_dir)
+  # The same command resumes the run, which restores the newest checkpoint.
+  code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS)
+  _assert_usage_error(code, err, 'ckpt_1', 'corrupt')
+  assert _snapshot(base_dir) == before
+
+
+def test_rerunning_a_finished_run_changes_no_results(cartpole_runs, tmp_path):
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  before = _read_metrics(base_dir)
+  code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS)
+  assert code == 0, err
+  assert _read_metrics(base_dir) == before
+  with open(os.path.join(base_dir, 'status.json'), encoding='utf-8') as f:
+    assert json.load(f)['state'] == 'done'
+
+
+@pytest.mark.parametrize('argv,fragments', [
+    (['--gin_files', 'dqn.gin', '--gin_bindings',
+      "create_atari_environment.game_name = 'Pongg'"], ['Pongg']),
+    (['--gin_files', 'dqn.gin', '--gin_bindings', 'DQNAgent.gama = 0.9'],
+     ['gama']),
+    (['--gin_files', 'no_such_config.gin'], ['no_such_config.gin']),
+    (['--gin_files', 'cartpole_dqn_softmoe.gin', '--gin_bindings',
+      'SoftMoE.num_experts = 0'], ['num_experts']),
+    (['--gin_files', 'dqn_topk.gin', '--gin_bindings', 'TopKMoE.k = 9'],
+     ['TopKMoE.k']),
+], ids=['unknown_game', 'unknown_parameter', 'missing_gin_file',
+        'zero_experts', 'k_above_experts'])
+def test_bad_train_input_is_refused_without_writing(argv, fragments, tmp_path,
+                                                    cartpole_runs):
+  # A fresh base_dir is not even created ...
+  fresh = str(tmp_path / 'fresh')
+  code, _, err = _run_cli(['train', '--base_dir', fresh] + argv)
+  _assert_usage_error(code, err, *fragments)
+  assert not os.path.exists(fresh)
+  # ... and an existing run is left exactly as it was.
+  existing = _copy_run(cartpole_runs[1], tmp_path)
+  before = _snapshot(existing)
+  code, _, err = _run_cli(['train', '--base_dir', existing] + argv)
+  _assert_usage_error(code, err)
+  assert _snapshot(existing) == before
+
+
+def test_eval_refuses_a_dir_without_a_run(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  code, out, err = _run_cli(['eval', '--base_dir', str(empty)])
+  _assert_usage_error(code, err, 'not a moerl run')
+  assert out == ''
+  assert os.listdir(empty) == []
+  missing = str(tmp_path / 'missing')
+  code, _, err = _run_cli(['eval', '--base_dir', missing, '--episodes', '1'])
+  _assert_usage_error(code, err)
+  assert not os.path.exists(missing)
+
+
+# -- moerl params ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize('config', gin_config.shipped_configs())
+def test_params_works_for_every_shipped_config(config):
+  code, out, err = _run_cli(['params', '--gin_files', config])
+  assert code == 0, err
+  total_line = [l for l in out.splitlines() if l.startswith('total')]
+  assert len(total_line) == 1, out
+  total = int(total_line[0].split()[-1].replace(',', ''))
+  assert total > 1000
+
+
+@pytest.mark.parametrize('config,expected', [('dqn.gin', 4052658),
+                                             ('dqn_softmoe.gin', 754482)])
+def test_params_json_matches_reference_counts(config, expected):
+  code, out, err = _run_cli(['params', '--gin_files', config, '--json'])
+  assert code == 0, err
+  result = json.loads(out)
+  assert result['total'] == expected
+  assert result['num_actions'] == 18
+  assert sum(result['modules'].values()) == expected
