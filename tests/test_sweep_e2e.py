@@ -24,16 +24,16 @@ bindings = [
 game_binding = "create_gym_environment.environment_name"
 games = ["CartPole"]
 seeds = [0, 1]
-name_template = "e{num_experts}/seed{seed}"
+name_template = "{template}"
 [grid]
 "SoftMoE.num_experts" = [1, 2]
 {extra}
 """
 
 
-def _write_spec(tmp_path, extra=''):
+def _write_spec(tmp_path, extra='', template='e{num_experts}/seed{seed}'):
   path = tmp_path / 'spec.toml'
-  path.write_text(SPEC.replace('{extra}', extra))
+  path.write_text(SPEC.replace('{extra}', extra).replace('{template}', template))
   return str(path)
 
 
@@ -79,7 +79,9 @@ def test_local_sweep_then_plot(tmp_path, capsys):
 
 def test_failing_run_does_not_stop_the_others(tmp_path, capsys):
   extra = '[[zip]]\n"SoftMoE.capacity_factor" = [1.0, -1.0]\n'
-  spec, out = _write_spec(tmp_path, extra), str(tmp_path / 'sweep')
+  spec = _write_spec(tmp_path, extra,
+                     template='e{num_experts}/cf{capacity_factor}/seed{seed}')
+  out = str(tmp_path / 'sweep')
   code = cli.main(['sweep', spec, '--out', out, '--workers', '2'])
   err = capsys.readouterr().err
   assert code == 1
