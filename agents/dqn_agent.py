@@ -261,6 +261,14 @@ class DQNAgent:
         step=jnp.zeros((), jnp.int32), rng=state_rng)
 
     self._select_action = make_select_action(self.network, num_actions)
+
+    def act(params, observations, rng, epsilon, deterministic):
+      rng, key = jax.random.split(rng)  # the same key stream as a Python split
+      return self._select_action(params, observations, key, epsilon,
+                                 deterministic=deterministic), rng
+
+    # One dispatch per action: rng split and selection in one jitted call.
+    self._act = jax.jit(act, static_argnames=('deterministic',))
     train_step = make_train_step(
         self.network, self.optimizer,
         functools.partial(self._td_loss, losses.LOSSES[loss_type]),
@@ -301,12 +309,11 @@ class DQNAgent:
 
   def select_actions(self, observations: np.ndarray) -> np.ndarray:
     """observations [N, ...] stacked states -> actions [N] (epsilon-greedy)."""
-    self._rng, key = jax.random.split(self._rng)
     params = self.state.online_params
     if self.async_acting and self._acting_params is not None:
       params = self._acting_params
-    actions = self._select_action(params, observations, key, self.epsilon(),
-                                  deterministic=self.eval_mode)
+    actions, self._rng = self._act(params, observations, self._rng,
+                                   self.epsilon(), deterministic=self.eval_mode)
     if self.async_acting:
       # The next action uses these params even if a gradient step dispatched
       # meanwhile has not finished, so env stepping overlaps the update.

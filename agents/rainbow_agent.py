@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from agents import losses
-from agents.dqn_agent import DQNAgent, linearly_decaying_epsilon
+from agents.dqn_agent import DQNAgent
 
 
 @gin.configurable

@@ -18,7 +18,6 @@ import os
 import sys
 from typing import List, Optional
 
-import jax
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -94,13 +93,20 @@ def _train_seeds(args) -> int:
   return EXIT_OK
 
 
-def cmd_eval(args) -> int:
-  from experiments.run_dir import RunDir, RunDirError, atomic_write_json  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  config = RunDir(args.base_dir).config_path
+def _run_config(base_dir: str) -> str:
+  """The config.gin of an existing run, or UsageError."""
+  from experiments.run_dir import RunDir  # pylint: disable=g-import-not-at-top
+  config = RunDir(base_dir).config_path
   if not os.path.isfile(config):
-    raise UsageError(f'{args.base_dir} is not a moerl run (no config.gin); '
+    raise UsageError(f'{base_dir} is not a moerl run (no config.gin); '
                      'pass the --base_dir of a `moerl train` run.')
+  return config
+
+
+def cmd_eval(args) -> int:
+  from experiments.run_dir import RunDirError, atomic_write_json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = _run_config(args.base_dir)
   if args.episodes < 1:
     raise UsageError(f'--episodes={args.episodes} must be >= 1.')
   runner = _build_runner(args.base_dir, [config], [], num_envs=1)
@@ -180,22 +186,21 @@ def cmd_plot(args) -> int:
 
 def cmd_bench(args) -> int:
   from experiments import bench  # pylint: disable=g-import-not-at-top
-  results = bench.run(sections=args.sections, quick=args.quick,
-                      stream=sys.stderr)
+  results = {}
+  for section in args.sections or bench.SECTIONS:  # report each as it ends
+    part = bench.run(sections=[section], quick=args.quick, stream=sys.stderr)
+    if not args.json:
+      print(bench.format_report(part), flush=True)
+    results.update(part)
   if args.json:
     print(json.dumps(results, indent=2))
-  else:
-    print(bench.format_report(results))
   return EXIT_OK
 
 
 def cmd_experts(args) -> int:
   from experiments import experts  # pylint: disable=g-import-not-at-top
-  from experiments.run_dir import RunDir, RunDirError  # pylint: disable=g-import-not-at-top
-  config = RunDir(args.base_dir).config_path
-  if not os.path.isfile(config):
-    raise UsageError(f'{args.base_dir} is not a moerl run (no config.gin); '
-                     'pass the --base_dir of a `moerl train` run.')
+  from experiments.run_dir import RunDirError  # pylint: disable=g-import-not-at-top
+  config = _run_config(args.base_dir)
   if args.states < 1:
     raise UsageError(f'--states={args.states} must be >= 1.')
   if args.episodes < 0:

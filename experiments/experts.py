@@ -30,7 +30,6 @@ them.
 
 import functools
 import os
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import jax
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agents.frame_stack import FrameStacker
-from experiments.run_dir import atomic_write_json
+from experiments.run_dir import atomic_save_figure, atomic_write_json
 
 MODES = ('topk', 'random')
 _CHUNK = 128  # states per forward pass when scoring many states
@@ -141,7 +140,7 @@ def random_masks(batch: int, experts: int, k: int,
 # -- Environment interaction. ----------------------------------------------------
 def make_env(runner):
   """A fresh single env configured like the run's (same game, caps, seed)."""
-  return runner._make_env(1)  # pylint: disable=protected-access
+  return runner.make_env(1)
 
 
 def collect_states(runner, num_states: int, seed: int) -> np.ndarray:
@@ -179,35 +178,22 @@ def run_episodes(runner, num_episodes: int, seed: int, k: Optional[int] = None,
   experts = num_experts_of(network)
   rng = np.random.default_rng([seed, 1])  # exploration
   mask_rng = np.random.default_rng([seed, 2])  # random-k masks
-  env = make_env(runner)
-  stacker = FrameStacker(1, env.observation_shape, agent.stack_size,
-                         env.observation_dtype)
-  stacker.reset(env.reset(seed=seed))
-  returns, running = [], 0.0
-  try:
-    while len(returns) < num_episodes:
-      observation = stacker.observations
-      if mode == 'full':
-        q, _ = expert_scores(network, params, observation)
-      elif mode == 'topk':
-        _, scores = expert_scores(network, params, observation)
-        q = masked_q_values(network, params, observation, topk_masks(scores, k))
-      else:
-        q = masked_q_values(network, params, observation,
-                            random_masks(1, experts, k, mask_rng))
-      action = int(np.argmax(q[0]))
-      if rng.random() < agent.epsilon_eval:
-        action = int(rng.integers(agent.num_actions))
-      result = env.step(np.array([action]))
-      running += float(result.reward[0])
-      ends = result.terminated | result.truncated
-      if ends[0]:
-        returns.append(running)
-        running = 0.0
-      stacker.push(result.observation, ends)
-  finally:
-    env.close()
-  return returns
+
+  def policy(observation):
+    if mode == 'full':
+      q, _ = expert_scores(network, params, observation)
+    elif mode == 'topk':
+      _, scores = expert_scores(network, params, observation)
+      q = masked_q_values(network, params, observation, topk_masks(scores, k))
+    else:
+      q = masked_q_values(network, params, observation,
+                          random_masks(1, experts, k, mask_rng))
+    action = int(np.argmax(q[0]))
+    if rng.random() < agent.epsilon_eval:
+      action = int(rng.integers(agent.num_actions))
+    return np.array([action])
+
+  return runner.evaluate_episodes(num_episodes, seed=seed, policy=policy)
 
 
 # -- The analysis. ---------------------------------------------------------------
@@ -301,16 +287,7 @@ def plot_results(result: Dict[str, Any], path: str) -> None:
     ax.legend()
   fig.suptitle(f"{result['game']}: Soft MoE with {result['num_experts']} "
                f"experts, {result['num_states']} states")
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix='.experts.', suffix='.png', dir=directory)
-  os.close(fd)
-  try:
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  atomic_save_figure(fig, path)
 
 
 def write_outputs(result: Dict[str, Any], base_dir: str) -> List[str]:

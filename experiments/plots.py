@@ -293,7 +293,7 @@ def _new_figure(nrows: int, ncols: int, w: float, h: float):
 
 
 def _legend(fig, axes_list) -> None:
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes_list:
         for h, l in zip(*ax.get_legend_handles_labels()):
             if l not in handles:

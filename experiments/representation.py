@@ -33,7 +33,6 @@ representation.json and representation.png (loss curves, log y);
 """
 
 import os
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -42,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.run_dir import atomic_write_json
+from experiments.run_dir import atomic_save_figure, atomic_write_json
 from networks.q_network import count_parameters
 from networks.soft_moe import SoftMoE
 
@@ -228,17 +227,7 @@ def plot_curves(result: Dict[str, Any], path: str) -> None:
   ax.set_title('Soft MoE at equal expert parameter count: 1 vs many experts')
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=8)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix='.representation.', suffix='.png',
-                             dir=directory)
-  os.close(fd)
-  try:
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  atomic_save_figure(fig, path)
 
 
 def format_table(result: Dict[str, Any]) -> str:

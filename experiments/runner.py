@@ -343,18 +343,28 @@ class Runner:
     self.agent.restore(restored['agent'], restored['counters'])
     return latest
 
-  def evaluate_episodes(self, num_episodes: int, seed: int = 12345) -> List[float]:
-    """Returns of `num_episodes` evaluation episodes (epsilon_eval, no noise)."""
+  def make_env(self, num_envs: int):
+    """A new environment of this run's config (its own seeds on reset)."""
+    return self._make_env(num_envs)
+
+  def evaluate_episodes(self, num_episodes: int, seed: int = 12345,
+                        policy: Optional[Callable] = None) -> List[float]:
+    """Returns of `num_episodes` episodes on a fresh env.
+
+    `policy(observations [1, ...]) -> actions [1]` defaults to the agent in
+    evaluation mode (epsilon_eval, no network noise).
+    """
     env = self._make_env(1)
     agent = self.agent
     agent.eval_mode = True
+    policy = policy or agent.select_actions
     stacker = FrameStacker(1, env.observation_shape, agent.stack_size,
                            env.observation_dtype)
     stacker.reset(env.reset(seed=seed))
     returns, running = [], 0.0
     try:
       while len(returns) < num_episodes:
-        result = env.step(agent.select_actions(stacker.observations))
+        result = env.step(policy(stacker.observations))
         running += float(result.reward[0])
         ends = result.terminated | result.truncated
         if ends[0]:

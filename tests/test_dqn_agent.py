@@ -2,7 +2,6 @@
 target syncs, fused steps, auxiliary MoE losses, priorities, noisy nets and
 the replay ratio of the batched `record`."""
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np

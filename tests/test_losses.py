@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from agents import losses
 from agents.rainbow_agent import c51_loss

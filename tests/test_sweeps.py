@@ -6,7 +6,6 @@ Execution tests use a tiny fake trainer script (written into tmp_path) in place 
 
 import io
 import json
-import os
 import sys
 import textwrap
 
