@@ -170,6 +170,22 @@ def router_gradient_norm(grads) -> Dict[str, jax.Array]:
   return {'moe/router_grad_norm': optax.tree.norm(leaves)}
 
 
+def with_stack_axis_last(train_step):
+  """Adapts a train step to replay stacks sampled frame-first, [B, S, *frame].
+
+  The replay gathers stored frames in that layout without a strided host
+  copy; the network takes [B, *frame, S], and the move happens on the device
+  (fused into the input's conversion to float).
+  """
+
+  def step(state, batch):
+    batch = dict(batch, obs_tm1=jnp.moveaxis(batch['obs_tm1'], 1, -1),
+                 obs_t=jnp.moveaxis(batch['obs_t'], 1, -1))
+    return train_step(state, batch)
+
+  return step
+
+
 def fuse_train_steps(train_step):
   """K gradient steps in one call: batches carry a leading [K] axis."""
 
@@ -238,11 +254,14 @@ class DQNAgent:
 
     replay_cls = (PrioritizedReplayBuffer if replay_scheme == 'prioritized'
                   else ReplayBuffer)
+    # Stacked frames are sampled frame-first (cheaper) and moved on the device.
+    stacked = not (stack_size == 1 and len(self.observation_shape) == 1)
     self.replay = replay_cls(
         observation_shape=self.observation_shape, stack_size=stack_size,
         replay_capacity=replay_capacity, batch_size=batch_size,
         update_horizon=update_horizon, gamma=gamma, num_envs=num_envs,
-        observation_dtype=observation_dtype, seed=seed)
+        observation_dtype=observation_dtype, seed=seed,
+        stack_axis_first=stacked)
     self._prioritized = replay_scheme == 'prioritized'
 
     rng = jax.random.PRNGKey(seed)
@@ -276,6 +295,8 @@ class DQNAgent:
         target_update_every=max(1, target_update_period // update_period),
         double_dqn=double_dqn, prioritized=self._prioritized,
         diagnostics_fn=expert_metrics if log_expert_metrics else None)
+    if stacked:
+      train_step = with_stack_axis_last(train_step)
     self.train_step_fn = train_step  # pure, for vmapping across seeds
     # With async_acting the previous params stay in use, so nothing is donated.
     donate = () if async_acting else (0,)

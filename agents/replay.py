@@ -28,6 +28,9 @@ Only valid records are sampled (candidates are drawn, then invalid ones rejected
 Samples (``sample``) are dicts of numpy arrays with DQN-Zoo time-step names:
   obs_tm1     [B, *observation_shape, stack_size]  state at t (stack on the last axis); for vector
               observations (1-D observation_shape) with stack_size 1: [B, *observation_shape].
+              With ``stack_axis_first=True``: [B, stack_size, *observation_shape], the layout the
+              frames are stored in, which skips a strided host copy (0.9 -> 0.3 ms for 32 Atari
+              transitions); the agent moves the axis last on the device, where it is free.
   a_tm1       [B] int32    a_t.
   r_t         [B] float32  sum_{k<m} gamma^k r_{t+k}, m <= n the steps until a terminal (or n).
   discount_t  [B] float32  gamma^n, or 0 when a terminal occurred inside the window.
@@ -84,6 +87,7 @@ class ReplayBuffer:
       num_envs: int = 1,
       observation_dtype=np.uint8,
       seed: int = 0,
+      stack_axis_first: bool = False,
   ):
     _require(
         isinstance(observation_shape, (tuple, list))
@@ -125,7 +129,8 @@ class ReplayBuffer:
     self._gamma = float(gamma)
     self._observation_dtype = dtype
     self._seed = int(seed)
-    self._stack_last = not (self._stack_size == 1 and len(self._observation_shape) == 1)
+    self._stacked = not (self._stack_size == 1 and len(self._observation_shape) == 1)
+    self._stack_axis_first = bool(stack_axis_first)
     self._discounts = (self._gamma ** np.arange(self._update_horizon)).astype(np.float32)
 
     rows = (self._capacity_per_env, self._num_envs)
@@ -317,24 +322,27 @@ class ReplayBuffer:
     return indices, returns, terminated
 
   def _stacked_states(self, slots, envs, positions) -> np.ndarray:
-    """States ending at `slots`: [B, *obs_shape, S] (or [B, *obs_shape], see module doc)."""
+    """States ending at `slots`: [B, *obs_shape, S], [B, S, *obs_shape] with stack_axis_first
+    (or [B, *obs_shape] without a stack, see the module doc)."""
     frame_slots, alive, _ = self._stack_frames(slots, envs, positions)
     rows = frame_slots * self._num_envs + envs[:, None]  # [B, S] rows of `frames`.
     frames = self._store['observation'].reshape(self._replay_capacity, -1)  # View: [rows, P].
     b, s = rows.shape
-    if not self._stack_last:
+    if not self._stacked:
       return np.take(frames, rows[:, 0], axis=0).reshape((b,) + self._observation_shape)
+    dead_b, dead_j = np.nonzero(~alive)  # Frames from before the episode start.
+    if self._stack_axis_first:
+      states = np.take(frames, rows.ravel(), axis=0).reshape(b, s, -1)  # [B, S, P], fresh
+      states[dead_b, dead_j] = 0
+      return states.reshape((b, s) + self._observation_shape)
     # One gather of contiguous frames, position-major [S, B, P], then one strided copy per stack
     # position into [B, P, S]: ~3x faster than transposing [B, S, P] or than np.take into a
-    # strided `out` (which np.take buffers).
-    # The gather goes into a persistent scratch buffer: a fresh multi-MB array per call costs
-    # page faults that take longer than the copy itself.
+    # strided `out` (which np.take buffers). The gather goes into a persistent scratch buffer.
     if self._scratch is None or self._scratch.shape[0] != s * b:
       self._scratch = np.empty((s * b, frames.shape[1]), dtype=frames.dtype)
     gathered = np.take(frames, rows.T.ravel(), axis=0, out=self._scratch, mode='clip')
     gathered = gathered.reshape(s, b, -1)  # [S, B, P]
-    dead_b, dead_j = np.nonzero(~alive)
-    gathered[dead_j, dead_b] = 0  # Frames from before the episode start.
+    gathered[dead_j, dead_b] = 0
     states = np.empty((b, frames.shape[1], s), dtype=frames.dtype)  # [B, P, S]
     for j in range(s):
       states[:, :, j] = gathered[j]
@@ -365,11 +373,11 @@ class ReplayBuffer:
                                   np.concatenate([positions, positions + n]))
     discount = np.where(terminated, np.float32(0), np.float32(self._gamma ** n))
     return {
-        'obs_tm1': states[:b],  # [B, *obs_shape, S]
+        'obs_tm1': states[:b],  # [B, *obs_shape, S] (or [B, S, *obs_shape], see above)
         'a_tm1': self._store['action'][slots, envs],  # [B]
         'r_t': returns.astype(np.float32),  # [B]
         'discount_t': discount.astype(np.float32),  # [B]
-        'obs_t': states[b:],  # [B, *obs_shape, S]
+        'obs_t': states[b:],  # like obs_tm1
         'indices': indices.astype(np.int64),  # [B]
     }
 

@@ -175,10 +175,12 @@ def bench_agent(steps: int = 4000, stream=None, memory: bool = True) -> Dict[str
 
 
 def _bench_sampling(fill: int = 50000) -> float:
+  """Prioritized sample of 32 stacked transitions as the agent draws them
+  (stacks frame-first; the agent moves the axis on the device)."""
   from agents.replay import PrioritizedReplayBuffer  # pylint: disable=g-import-not-at-top
   replay = PrioritizedReplayBuffer(observation_shape=(84, 84), stack_size=4,
                                    replay_capacity=1000000, batch_size=32,
-                                   update_horizon=3)
+                                   update_horizon=3, stack_axis_first=True)
   rng = np.random.default_rng(0)
   frames = rng.integers(0, 255, (64, 1, 84, 84), dtype=np.uint8)
   for t in range(fill):

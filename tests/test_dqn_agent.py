@@ -195,6 +195,39 @@ def test_fused_steps_equal_sequential_steps():
   assert not _leaves_equal(fused.online_params, state0.online_params)
 
 
+def test_stacked_frames_are_sampled_frame_first_and_moved_on_device():
+  """Atari-like agents sample [B, 4, H, W] and their train step equals the
+  plain step on the same stacks laid out [B, H, W, 4]."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from agents import dqn_agent, losses  # pylint: disable=g-import-not-at-top
+  gin_config.load([], ["QNetwork.penultimate = 'dense'",
+                       'DensePenultimate.hidden_units = 16'])
+  agent = DQNAgent(NUM_ACTIONS, (12, 12), np.uint8, 4, min_replay_history=10**6,
+                   batch_size=4, replay_capacity=200, log_expert_metrics=False)
+  rng = np.random.default_rng(0)
+  for t in range(40):
+    end = np.array([t % 9 == 8])
+    agent.record(rng.integers(0, 256, (1, 12, 12, 4), dtype=np.uint8),
+                 [int(t % NUM_ACTIONS)], [1.0], end, end)
+  batch = agent.replay.sample()
+  batch.pop('indices')
+  assert batch['obs_tm1'].shape == (4, 4, 12, 12)
+  plain = dqn_agent.make_train_step(
+      agent.network, agent.optimizer,
+      functools.partial(dqn_agent.dqn_td_loss, losses.mse_loss),
+      target_update_every=agent.target_update_period // agent.update_period,
+      double_dqn=False, prioritized=False)
+  moved = dict(batch, obs_tm1=np.moveaxis(batch['obs_tm1'], 1, -1),
+               obs_t=np.moveaxis(batch['obs_t'], 1, -1))
+  state_a, metrics_a = jax.jit(agent.train_step_fn)(_copy(agent.state), batch)
+  state_b, metrics_b = jax.jit(plain)(_copy(agent.state), moved)
+  assert float(metrics_a['loss']) == pytest.approx(float(metrics_b['loss']), rel=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(state_a.online_params),
+                  jax.tree_util.tree_leaves(state_b.online_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  assert not _leaves_equal(state_a.online_params, agent.state.online_params)
+
+
 def test_train_step_loss_is_the_td_loss_of_the_batch():
   agent = _make_agent(loss_type='huber')
   batch = _random_batch(np.random.default_rng(3))

@@ -230,6 +230,26 @@ def test_shapes_and_dtypes_atari_like():
   assert len(buffer) == 40 and not buffer.is_empty() and buffer.add_count == 20
 
 
+@pytest.mark.parametrize('cls', [replay_lib.ReplayBuffer, replay_lib.PrioritizedReplayBuffer])
+def test_stack_axis_first_is_the_same_stack_moved(cls):
+  """Frame-first samples hold the very stacks of the default layout, episode padding included."""
+  buffers = [make(cls, replay_capacity=60, num_envs=2, update_horizon=3, stack_axis_first=first)
+             for first in (False, True)]
+  rng = np.random.default_rng(7)
+  for _ in range(70):  # past a wrap-around, with frequent episode ends
+    step = random_step(rng, 2, (3, 2), p_end=0.3)
+    for buffer in buffers:
+      buffer.add(*step)
+  last, first = (buffer.sample(batch_size=64) for buffer in buffers)  # same rng, same draws
+  np.testing.assert_array_equal(last['indices'], first['indices'])
+  assert first['obs_tm1'].shape == (64, 4, 3, 2) and last['obs_tm1'].shape == (64, 3, 2, 4)
+  assert (first['obs_tm1'] == 0).any()  # some stacks reach before their episode start
+  for key in ('obs_tm1', 'obs_t'):
+    np.testing.assert_array_equal(np.moveaxis(first[key], 1, -1), last[key])
+  for key in ('a_tm1', 'r_t', 'discount_t'):
+    np.testing.assert_array_equal(first[key], last[key])
+
+
 def test_storage_is_preallocated_once_per_frame():
   buffer = replay_lib.ReplayBuffer(observation_shape=(84, 84), stack_size=4,
                                    replay_capacity=1000, batch_size=32, num_envs=4)
