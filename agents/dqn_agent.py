@@ -12,10 +12,18 @@ Its batched `select_actions` / `record` serve any number of environments with
 the replay ratio of the single-env protocol (one update per `update_period`
 agent steps, counted over all envs).
 
-With `async_acting`, an action right after a gradient step is chosen with the
-params from before that step (one update stale), so the environment steps
-while the update runs (JAX dispatches asynchronously); off by default, which
-keeps Dopamine's exact semantics.
+With `async_acting`, actions are chosen on a second host device (see
+`agents.devices`) with a copy of the params taken just before the latest
+learner call, so action selection and environment steps run while the update
+runs: every action is one gradient step (one learner call) stale, by a fixed
+rule, so runs stay reproducible. Each phase starts from the current params.
+Off by default, which keeps Dopamine's exact semantics.
+
+Update schedule: one gradient step per `update_period` agent steps once the
+replay holds more than `min_replay_history` transitions, counted within each
+training phase (`start_phase`), so seeds stepping in lockstep in a `SeedGroup`
+update in the same rounds; Dopamine counts over the whole run, which differs
+only by the at most `update_period - 1` steps of an iteration's tail.
 
 Gin parameters keep Dopamine's names and defaults (`JaxDQNAgent.gamma` here is
 `DQNAgent.gamma`; replay capacity and batch size live on the agent, which
@@ -35,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agents import losses
+from agents import devices, losses
 from agents.frame_stack import FrameStacker
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
 from networks.expert_metrics import GRAM_KEY, expert_metrics, srank_from_gram
@@ -264,9 +272,11 @@ class DQNAgent:
         stack_axis_first=stacked)
     self._prioritized = replay_scheme == 'prioritized'
 
+    self.async_acting = async_acting
+    self._acting_device = devices.acting_device() if async_acting else None
     rng = jax.random.PRNGKey(seed)
     rng, init_rng, state_rng = jax.random.split(rng, 3)
-    self._rng = rng
+    self._rng = self._on_acting_device(rng)
     self._stacker = FrameStacker(1, self.observation_shape, stack_size,
                                  observation_dtype)
     dummy = jnp.zeros((1, *self._stacker.observations.shape[1:]),
@@ -298,13 +308,9 @@ class DQNAgent:
     if stacked:
       train_step = with_stack_axis_last(train_step)
     self.train_step_fn = train_step  # pure, for vmapping across seeds
-    # With async_acting the previous params stay in use, so nothing is donated.
-    donate = () if async_acting else (0,)
-    self.train_step = jax.jit(train_step, donate_argnums=donate)
-    self.train_steps = jax.jit(fuse_train_steps(train_step),
-                               donate_argnums=donate)
-    self.async_acting = async_acting
-    self._acting_params = None
+    self.train_step = jax.jit(train_step, donate_argnums=0)
+    self.train_steps = jax.jit(fuse_train_steps(train_step), donate_argnums=0)
+    self._acting_params = None  # with async_acting: a copy on the acting device
     self.training_steps = 0  # agent steps seen while training (all envs)
     self._update_credit = 0.0
     self.pending_updates = 0  # gradient steps due but not yet run
@@ -320,6 +326,26 @@ class DQNAgent:
   def _td_loss(self, loss_fn, out_tm1, target_t, online_t, batch):
     return dqn_td_loss(loss_fn, out_tm1, target_t, online_t, batch)
 
+  # -- Acting params (async_acting). ------------------------------------------
+  def _on_acting_device(self, tree):
+    """A copy of `tree` on the acting device (never an alias: the learner
+    donates its buffers); `tree` itself without async acting."""
+    if not self.async_acting:
+      return tree
+    return jax.device_put(tree, self._acting_device, may_alias=False)
+
+  def _refresh_acting_params(self) -> None:
+    if self.async_acting:
+      self._acting_params = self._on_acting_device(self.state.online_params)
+
+  def start_phase(self, eval_mode: bool) -> None:
+    """Called by the runner at the start of a training or evaluation phase:
+    acting starts from the current params, the update schedule from zero."""
+    self.eval_mode = eval_mode
+    self._refresh_acting_params()
+    if not eval_mode:
+      self._update_credit = 0.0
+
   # -- Batched interface used by the runner. --------------------------------
   def epsilon(self) -> float:
     if self.eval_mode:
@@ -331,15 +357,11 @@ class DQNAgent:
 
   def select_actions(self, observations: np.ndarray) -> np.ndarray:
     """observations [N, ...] stacked states -> actions [N] (epsilon-greedy)."""
-    params = self.state.online_params
-    if self.async_acting and self._acting_params is not None:
-      params = self._acting_params
+    if self.async_acting and self._acting_params is None:
+      self._refresh_acting_params()
+    params = self._acting_params if self.async_acting else self.state.online_params
     actions, self._rng = self._act(params, observations, self._rng,
                                    self.epsilon(), deterministic=self.eval_mode)
-    if self.async_acting:
-      # The next action uses these params even if a gradient step dispatched
-      # meanwhile has not finished, so env stepping overlaps the update.
-      self._acting_params = self.state.online_params
     return np.asarray(actions)
 
   def record(self, observations, actions, rewards, terminals, episode_ends,
@@ -369,10 +391,10 @@ class DQNAgent:
       num_steps = len(ends)
     self.replay.add(frames, actions, rewards, terminals, ends)
     self.training_steps += num_steps
+    self._update_credit += num_steps / self.update_period
+    due = int(self._update_credit)
+    self._update_credit -= due
     if self.replay.add_count * self.num_envs > self.min_replay_history:
-      self._update_credit += num_steps / self.update_period
-      due = int(self._update_credit)
-      self._update_credit -= due
       self.pending_updates += due
     if not self.defer_updates:
       self.run_pending_updates()
@@ -386,6 +408,8 @@ class DQNAgent:
     step's new priorities shape the next sample.
     """
     k, self.pending_updates = self.pending_updates, 0
+    if k:
+      self._refresh_acting_params()  # acting goes on while these steps run
     if k > 1 and not self._prioritized:
       batches = [self.replay.sample() for _ in range(k)]
       for batch in batches:
@@ -470,7 +494,7 @@ class DQNAgent:
 
   def restore(self, state: Dict[str, Any], values: Dict[str, Any]) -> None:
     self.state = state['train_state']
-    self._rng = state['rng']
+    self._rng = self._on_acting_device(state['rng'])
     self.training_steps = int(values['training_steps'])
     self._update_credit = float(values['update_credit'])
     self._acting_params = None

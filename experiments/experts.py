@@ -151,7 +151,7 @@ def collect_states(runner, num_states: int, seed: int) -> np.ndarray:
                          env.observation_dtype)
   stacker.reset(env.reset(seed=seed))
   states = []
-  agent.eval_mode = True
+  agent.start_phase(eval_mode=True)
   try:
     while len(states) < num_states:
       observation = stacker.observations

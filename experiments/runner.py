@@ -91,7 +91,7 @@ class Phase:
     self.runner, self.env, self.min_steps = runner, env, min_steps
     self.eval_mode = eval_mode
     self.agent = runner.agent
-    self.agent.eval_mode = eval_mode
+    self.agent.start_phase(eval_mode)
     n = env.num_envs
     self.stacker = FrameStacker(n, env.observation_shape, self.agent.stack_size,
                                 env.observation_dtype)
@@ -356,7 +356,7 @@ class Runner:
     """
     env = self._make_env(1)
     agent = self.agent
-    agent.eval_mode = True
+    agent.start_phase(eval_mode=True)
     policy = policy or agent.select_actions
     stacker = FrameStacker(1, env.observation_shape, agent.stack_size,
                            env.observation_dtype)

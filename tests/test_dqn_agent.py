@@ -416,3 +416,61 @@ def test_single_env_dopamine_interface_trains():
   assert agent.replay.add_count == 48
   # Updates once more than 20 records are stored: records 21..48.
   assert int(agent.state.step) == 48 - 20
+
+
+# -- Async acting and the phase-local update schedule ------------------------------
+
+
+def test_async_acting_acts_on_its_own_device_one_learner_call_stale():
+  from agents import devices  # pylint: disable=g-import-not-at-top
+  agent = _make_agent(async_acting=True, min_replay_history=16, update_period=4)
+  if len(jax.devices('cpu')) > 1:  # agents asks for two host devices on import
+    assert devices.acting_device() != devices.learner_device()
+  rng = np.random.default_rng(4)
+  _fill_replay(agent, 16, rng)
+  agent.start_phase(eval_mode=False)
+  obs = rng.normal(size=(1, OBS_DIM)).astype(np.float32)
+  agent.select_actions(obs)
+  assert agent._acting_params is not None
+  leaf = jax.tree_util.tree_leaves(agent._acting_params)[0]
+  assert leaf.devices() == {devices.acting_device()}
+  before = _copy(agent.state.online_params)
+  _fill_replay(agent, 4, rng)  # one gradient step is due and dispatched
+  assert int(agent.state.step) == 1
+  # Acting uses the params from before that step, not the learner's new ones.
+  assert _leaves_equal(agent._acting_params, before)
+  assert not _leaves_equal(agent.state.online_params, before)
+  agent.select_actions(obs)
+  # A new phase acts with the current params.
+  agent.start_phase(eval_mode=True)
+  assert _leaves_equal(agent._acting_params, agent.state.online_params)
+
+
+def test_async_acting_is_reproducible():
+  runs = []
+  for _ in range(2):
+    agent = _make_agent(async_acting=True, min_replay_history=16, update_period=2,
+                        epsilon_decay_period=10)
+    rng = np.random.default_rng(5)
+    actions = []
+    for t in range(60):
+      obs = rng.normal(size=(1, OBS_DIM)).astype(np.float32)
+      action = agent.select_actions(obs)
+      actions.append(int(action[0]))
+      agent.record(obs, action, rng.normal(size=1), np.array([t % 15 == 14]),
+                   np.array([t % 15 == 14]))
+    runs.append((actions, jax.device_get(agent.state.online_params)))
+  assert runs[0][0] == runs[1][0]
+  assert _leaves_equal(runs[0][1], runs[1][1])
+
+
+def test_update_schedule_restarts_with_each_training_phase():
+  agent = _make_agent(min_replay_history=8, update_period=4)
+  rng = np.random.default_rng(6)
+  _fill_replay(agent, 10, rng)  # credit 10 / 4 = 2.5: half a step left over
+  steps = int(agent.state.step)
+  agent.start_phase(eval_mode=False)  # drops it (else 2 more steps would train)
+  _fill_replay(agent, 3, rng)
+  assert int(agent.state.step) == steps  # 3 < 4 phase steps: nothing due yet
+  _fill_replay(agent, 1, rng)
+  assert int(agent.state.step) == steps + 1
