@@ -5,25 +5,25 @@ environment, replay buffer, rngs and run directory `<base_dir>/seed<k>`, with
 its own config.gin), so every seed's directory can be resumed, evaluated and
 plotted like any run. What they share is the accelerator work: the learner
 states are stacked on a leading seed axis, and action selection and gradient
-steps run as one vmapped jitted call for all seeds. Seeds advance in
+steps run as one vmapped jitted call per device for the seeds on it (seeds
+are spread over the host devices, see `SeedGroup`). Seeds advance in
 lockstep, one env step each; a seed whose phase has ended waits for the
 others (it takes no steps), so its replay and rngs are those of a lone run.
+Since the update schedule restarts with each training phase (`DQNAgent`),
+the seeds' gradient steps fall in the same rounds. Acting is synchronous
+(`DQNAgent.async_acting` applies to lone runs).
 """
 
-import functools
 from typing import Any, Dict, List, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agents import devices
 from experiments.run_dir import RunDirError
 from networks.expert_metrics import GRAM_KEY
 from experiments.runner import Progress, Runner
-
-
-def _stack(trees):
-  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def _seed_mask(mask, x):
@@ -46,7 +46,71 @@ def _where_seed(mask, new, old):
   return jnp.where(_seed_mask(mask, new), new, old)
 
 
+def _split_evenly(count: int, parts: int) -> List[range]:
+  bounds = np.linspace(0, count, parts + 1).round().astype(int)
+  return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+class _Shard:
+  """The seeds on one device: their learner states and acting rngs, stacked
+  on a leading seed axis, and their summed train-step metrics."""
+
+  def __init__(self, seeds: range, device):
+    self.seeds, self.device = seeds, device
+    self.state = None  # TrainState, every leaf [k, ...]
+    self.rngs = None  # [k, 2]
+    self.reset_metrics()
+
+  def reset_metrics(self) -> None:
+    self.metric_sums, self.last_gram = None, None
+    self.metric_counts = np.zeros(len(self.seeds), np.int64)
+
+  def gather(self, agents) -> None:
+    host = lambda tree: jax.device_get(tree)
+    stacked = lambda trees: jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
+    self.state = jax.device_put(
+        stacked([host(agents[s].state) for s in self.seeds]), self.device)
+    self.rngs = jax.device_put(np.stack([host(agents[s]._rng) for s in self.seeds]),
+                               self.device)
+
+  def scatter(self, agents) -> None:
+    for j, s in enumerate(self.seeds):
+      agents[s].state = jax.tree_util.tree_map(lambda x, j=j: x[j], self.state)
+      agents[s]._rng = self.rngs[j]
+
+  def accumulate(self, metrics, do_update) -> None:
+    """Sums each seed's metrics on device (one call); split per iteration."""
+    metrics = {k: v for k, v in metrics.items() if k != 'priorities'}
+    gram = metrics.pop(GRAM_KEY, None)
+    if gram is not None:  # the newest Gram matrix of each updated seed
+      self.last_gram = (gram if self.last_gram is None
+                        else _where_seed(do_update, gram, self.last_gram))
+    if self.metric_sums is None:
+      self.metric_sums = _masked(metrics, do_update)
+    else:
+      self.metric_sums = _masked_add(self.metric_sums, metrics, do_update)
+    self.metric_counts += do_update
+
+  def hand_metrics_to(self, agents) -> None:
+    """Gives each agent its seed's sums, so pop_metrics works as alone."""
+    for j, s in enumerate(self.seeds):
+      if self.metric_counts[j]:
+        agents[s]._metric_sums = jax.tree_util.tree_map(lambda x, j=j: x[j],
+                                                        self.metric_sums)
+        agents[s]._metric_count = int(self.metric_counts[j])
+        if self.last_gram is not None:
+          agents[s]._last_gram = self.last_gram[j]
+    self.reset_metrics()
+
+
 class SeedGroup:
+  """S runners trained in lockstep; see the module docstring.
+
+  Seeds are spread evenly over the host devices (`agents.devices`: two CPU
+  devices on a CPU-only machine, the accelerator otherwise); each device runs
+  the vmapped acting and gradient steps of its seeds, concurrently with the
+  other's.
+  """
 
   def __init__(self, runners: Sequence[Runner]):
     if not runners:
@@ -65,85 +129,74 @@ class SeedGroup:
 
     self._train = jax.jit(jax.vmap(masked_step), donate_argnums=0)
     select = lead._select_action  # jitted; vmapped here over seeds
-    self._select = {
-        flag: jax.jit(jax.vmap(functools.partial(select, deterministic=flag)))
-        for flag in (False, True)}
+
+    def act(params, observations, rng, epsilon, active, deterministic):
+      # The key stream of a lone agent's select_actions; a waiting seed's rng
+      # does not move.
+      new_rng, key = jax.random.split(rng)
+      actions = select(params, observations, key, epsilon,
+                       deterministic=deterministic)
+      return actions, jnp.where(active, new_rng, rng)
+
+    self._act = jax.jit(jax.vmap(act, in_axes=(0, 0, 0, 0, 0, None)),
+                        static_argnums=5)
     self._prioritized = lead._prioritized
-    self.state = None
-    self._reset_metrics()
+    host = devices.host_devices()
+    self.shards = [_Shard(seeds, host[i]) for i, seeds in
+                   enumerate(_split_evenly(len(self.agents), len(host)))]
 
   # -- Learner state across seeds. ---------------------------------------------
   def gather_states(self) -> None:
-    self.state = _stack([agent.state for agent in self.agents])
+    for shard in self.shards:
+      shard.gather(self.agents)
 
   def scatter_states(self) -> None:
     """Gives every agent its own slice (for checkpoints and metrics)."""
-    for s, agent in enumerate(self.agents):
-      agent.state = jax.tree_util.tree_map(lambda x, s=s: x[s], self.state)
+    for shard in self.shards:
+      shard.scatter(self.agents)
 
   # -- Acting and learning. ------------------------------------------------------
   def _select_actions(self, phases, eval_mode: bool) -> np.ndarray:
-    keys, epsilons = [], []
-    for agent, phase in zip(self.agents, phases):
-      if phase.done:  # a waiting seed draws nothing: its rng stays a lone run's
-        keys.append(jax.random.PRNGKey(0))
-      else:
-        agent._rng, key = jax.random.split(agent._rng)
-        keys.append(key)
-      epsilons.append(agent.epsilon())
-    observations = np.stack([phase.observations for phase in phases])
-    actions = self._select[eval_mode](self.state.online_params, observations,
-                                      jnp.stack(keys), np.array(epsilons))
-    return np.asarray(actions)  # [S, N]
+    dispatched = []
+    for shard in self.shards:  # one call per device, running concurrently
+      observations = np.stack([phases[s].observations for s in shard.seeds])
+      active = np.array([not phases[s].done for s in shard.seeds])
+      epsilons = np.array([self.agents[s].epsilon() for s in shard.seeds],
+                          np.float32)
+      actions, shard.rngs = self._act(shard.state.online_params, observations,
+                                      shard.rngs, epsilons, active, eval_mode)
+      dispatched.append(actions)
+    return np.concatenate([np.asarray(a) for a in dispatched])  # [S, N]
 
   def _run_updates(self) -> None:
     pending = np.array([agent.pending_updates for agent in self.agents])
     for agent in self.agents:
       agent.pending_updates = 0
     while pending.max() > 0:
-      do_update = pending > 0
-      batches, indices = [None] * len(self.agents), [None] * len(self.agents)
-      for s in np.flatnonzero(do_update):
-        batches[s] = self.agents[s].replay.sample()
-        indices[s] = batches[s].pop('indices')
-      filler = batches[int(np.flatnonzero(do_update)[0])]
-      batches = [filler if b is None else b for b in batches]
-      stacked = {k: np.stack([b[k] for b in batches]) for k in filler}
-      self.state, metrics = self._train(self.state, stacked, do_update)
+      due = pending > 0
+      updated = []
+      for shard in self.shards:
+        do_update = due[shard.seeds.start:shard.seeds.stop]
+        if not do_update.any():
+          continue
+        batches, indices = {}, {}
+        for j in np.flatnonzero(do_update):
+          batches[j] = self.agents[shard.seeds[j]].replay.sample()
+          indices[j] = batches[j].pop('indices')
+        filler = next(iter(batches.values()))  # for seeds with nothing due
+        stacked = {k: np.stack([batches.get(j, filler)[k]
+                                for j in range(len(shard.seeds))])
+                   for k in filler}
+        shard.state, metrics = self._train(shard.state, stacked, do_update)
+        shard.accumulate(metrics, do_update)
+        updated.append((shard, indices, metrics))
       if self._prioritized:
-        priorities = np.asarray(metrics['priorities'])  # [S, B]
-        for s in np.flatnonzero(do_update):
-          self.agents[s].replay.update_priorities(indices[s], priorities[s])
-      self._accumulate(metrics, do_update)
-      pending = pending - do_update
-
-  def _accumulate(self, metrics, do_update) -> None:
-    """Sums each seed's metrics on device (one call); split per iteration."""
-    metrics = {k: v for k, v in metrics.items() if k != 'priorities'}
-    gram = metrics.pop(GRAM_KEY, None)
-    if gram is not None:  # the newest Gram matrix of each updated seed
-      self._last_gram = (gram if self._last_gram is None
-                         else _where_seed(do_update, gram, self._last_gram))
-    if self._metric_sums is None:
-      self._metric_sums = _masked(metrics, do_update)
-    else:
-      self._metric_sums = _masked_add(self._metric_sums, metrics, do_update)
-    self._metric_counts += do_update
-
-  def _hand_metrics_to_agents(self) -> None:
-    """Gives each agent its seed's sums, so pop_metrics works as alone."""
-    for s, agent in enumerate(self.agents):
-      if self._metric_counts[s]:
-        agent._metric_sums = jax.tree_util.tree_map(lambda x, s=s: x[s],
-                                                    self._metric_sums)
-        agent._metric_count = int(self._metric_counts[s])
-        if self._last_gram is not None:
-          agent._last_gram = self._last_gram[s]
-    self._reset_metrics()
-
-  def _reset_metrics(self) -> None:
-    self._metric_sums, self._last_gram = None, None
-    self._metric_counts = np.zeros(len(self.agents), np.int64)
+        for shard, indices, metrics in updated:
+          priorities = np.asarray(metrics['priorities'])  # [k, B]
+          for j, index in indices.items():
+            self.agents[shard.seeds[j]].replay.update_priorities(
+                index, priorities[j])
+      pending = pending - due
 
   def _run_phases(self, envs, min_steps: int, eval_mode: bool,
                   iteration: int) -> List[Dict[str, Any]]:
@@ -178,7 +231,8 @@ class SeedGroup:
                                     self.runners[0].evaluation_steps, True,
                                     iteration)
     self.scatter_states()
-    self._hand_metrics_to_agents()
+    for shard in self.shards:
+      shard.hand_metrics_to(self.agents)
     return [runner.iteration_metrics(iteration, t, e)
             for runner, t, e in zip(self.runners, train, evaluation)]
 
