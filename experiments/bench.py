@@ -6,16 +6,17 @@ the gradient step), since absolute times drift on shared machines. Nothing
 here is asserted in tests. Sections:
   networks  jitted DQN update (Nature CNN, batch 32, Adam, 18 actions) per
             penultimate type, relative to dense; batch-1 action selection.
-  agent     end-to-end DQN at the Dopamine protocol on Pong (one env, update
-            every 4 agent steps, batch 32): agent steps/s and the share of wall
-            time outside the gradient step; prioritized replay sampling time;
-            peak resident memory of a 1M-capacity buffer holding 1M frames.
+  agent     end-to-end DQN (dense and Soft MoE) at the Dopamine protocol on
+            Pong (one env, update every 4 agent steps, batch 32), with exact and
+            with async acting: agent steps/s and the share of wall time outside
+            the gradient step; prioritized replay sampling time; peak resident
+            memory of a 1M-capacity buffer holding 1M frames.
   envs      ALE agent steps/s with random actions, one env and 8 vector envs.
   throughput  collection (batched acting + env + replay, no learning) with 8
             vector envs against one env; end to end with 8 vector envs at the
             protocol's replay ratio (fused updates), with and without
-            async acting; total agent steps/s of S = 1, 2, 4 seeds in one
-            process (SeedGroup) on CartPole and on Pong.
+            async acting; total agent steps/s of S = 2, 4 seeds in one
+            process (SeedGroup) on CartPole against a lone run (S = 1).
 """
 
 import json
@@ -123,12 +124,12 @@ def bench_networks(repeats: int = 20, rounds: int = 3, stream=None) -> Dict[str,
           'expert_metrics_overhead': metrics_overhead}
 
 
-def _isolated_update_seconds(agent, repeats: int = 20) -> float:
+def _isolated_update_seconds(agent, repeats: int = 10) -> float:
   """Median time of one jitted gradient step on a fixed replay batch."""
   batch = agent.replay.sample()
   batch.pop('indices')
   state = jax.tree_util.tree_map(jnp.copy, agent.state)
-  step = jax.jit(agent.train_step_fn)
+  step = jax.jit(agent.train_step_fn, donate_argnums=0)
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   times = []
@@ -140,32 +141,54 @@ def _isolated_update_seconds(agent, repeats: int = 20) -> float:
   return float(np.median(times))
 
 
-def bench_agent(steps: int = 4000, stream=None, memory: bool = True) -> Dict[str, Any]:
+# Short Pong episodes keep the end-of-phase overrun (episodes finish past the
+# budget) small at bench budgets; the per-step work is the protocol's.
+SHORT_EPISODES = 'Runner.max_steps_per_episode = 400'
+
+
+def _protocol_run(gin_file: str, bindings: Sequence[str], steps: int) -> Dict[str, float]:
+  """One timed training iteration after a warm-up one (replay past min
+  history, everything compiled). The share of wall time outside the gradient
+  step is 1 - updates x (isolated update time) / wall time, with the isolated
+  time measured just before and just after the timed iteration (mean of the
+  two medians), so it is measured the same way with and without async acting
+  (where acting overlaps updates)."""
+  runner = _runner(gin_file, [
+      'DQNAgent.min_replay_history = 1000', 'DQNAgent.replay_capacity = 100000',
+      SHORT_EPISODES, f'Runner.training_steps = {steps}', 'Runner.num_iterations = 1',
+      *bindings])
+  agent = runner.agent
+  runner.run_iteration(0)
+  before = _isolated_update_seconds(agent)
+  updates_before = int(agent.state.step)
+  start = time.perf_counter()
+  metrics = runner.run_iteration(1)
+  jax.block_until_ready(agent.state)
+  wall = time.perf_counter() - start
+  updates = int(agent.state.step) - updates_before
+  update = (before + _isolated_update_seconds(agent)) / 2
+  runner.close()
+  return {'agent_steps_per_second': metrics['agent_steps_per_second'],
+          'wall_seconds': wall, 'updates': updates,
+          'isolated_update_ms': update * 1e3,
+          'share_outside_gradient_step': max(0.0, 1.0 - updates * update / wall)}
+
+
+ASYNC = 'DQNAgent.async_acting = True'
+PROTOCOL_CASES = (('dqn_dense', 'dqn.gin', []),
+                  ('dqn_dense_async', 'dqn.gin', [ASYNC]),
+                  ('dqn_softmoe', 'dqn_softmoe.gin', []),
+                  ('dqn_softmoe_async', 'dqn_softmoe.gin', [ASYNC]))
+
+
+def bench_agent(steps: int = 1000, stream=None, memory: bool = True) -> Dict[str, Any]:
   """End-to-end DQN on Pong at the Dopamine protocol (one env, an update every
-  4 agent steps, batch 32). The share of wall time outside the gradient step
-  is 1 - updates x (isolated update time) / wall time, so it is measured the
-  same way with and without async acting (where acting overlaps updates)."""
+  4 agent steps, batch 32), with Dopamine's exact acting and with async
+  acting (`DQNAgent.async_acting`: actions one gradient step stale, chosen on
+  a second host device while the update runs)."""
   result = {}
-  cases = (('dqn_dense', 'dqn.gin', []), ('dqn_softmoe', 'dqn_softmoe.gin', []),
-           ('dqn_softmoe_async', 'dqn_softmoe.gin', ['DQNAgent.async_acting = True']))
-  for label, gin_file, extra in cases:
-    runner = _runner(gin_file, [
-        'DQNAgent.min_replay_history = 1000', 'DQNAgent.replay_capacity = 100000',
-        f'Runner.training_steps = {steps}', 'Runner.num_iterations = 1', *extra])
-    agent = runner.agent
-    runner.run_iteration(0)  # warm-up: fills replay past min history, compiles
-    update = _isolated_update_seconds(agent)
-    updates_before = int(agent.state.step)
-    start = time.perf_counter()
-    metrics = runner.run_iteration(1)
-    wall = time.perf_counter() - start
-    updates = int(agent.state.step) - updates_before
-    runner.close()
-    result[label] = {
-        'agent_steps_per_second': metrics['agent_steps_per_second'],
-        'wall_seconds': wall, 'updates': updates,
-        'isolated_update_ms': update * 1e3,
-        'share_outside_gradient_step': max(0.0, 1.0 - updates * update / wall)}
+  for label, gin_file, extra in PROTOCOL_CASES:
+    result[label] = _protocol_run(gin_file, extra, steps)
     _log(stream, f'bench agent: {label} done')
   gin.clear_config()
   result['prioritized_sample_ms'] = _bench_sampling()
@@ -256,19 +279,13 @@ def _collection_rate(num_envs: int, steps: int) -> float:
   return rate
 
 
-# Short Pong episodes keep the end-of-phase overrun (episodes finish past the
-# budget) small at bench budgets; the per-step work is the protocol's.
-SHORT_EPISODES = 'Runner.max_steps_per_episode = 400'
-
-
-def _end_to_end(bindings: Sequence[str], steps: int, gin_file='dqn_softmoe.gin'):
-  runner = _runner(gin_file, ['DQNAgent.min_replay_history = 1000',
-                              'DQNAgent.replay_capacity = 80000', SHORT_EPISODES,
-                              f'Runner.training_steps = {steps}', *bindings])
+def _lone_rate(gin_file: str, bindings: Sequence[str], steps: int) -> float:
+  """Agent steps/s of one seed trained alone (what --num_seeds 1 runs)."""
+  runner = _runner(gin_file, [*bindings, f'Runner.training_steps = {steps}'])
   runner.run_iteration(0)  # warm-up and compile
-  metrics = runner.run_iteration(1)
+  rate = runner.run_iteration(1)['agent_steps_per_second']
   runner.close()
-  return metrics['agent_steps_per_second']
+  return rate
 
 
 def _seed_group_rate(gin_file: str, bindings: Sequence[str], num_seeds: int,
@@ -290,28 +307,27 @@ def _seed_group_rate(gin_file: str, bindings: Sequence[str], num_seeds: int,
   return rate
 
 
+CARTPOLE_SEEDS = ["Runner.schedule = 'continuous_train'",
+                  'DQNAgent.min_replay_history = 500']
+
+
 def bench_throughput(quick: bool = False, stream=None) -> Dict[str, Any]:
+  """Collection and end to end with 8 vector envs; S seeds in one process."""
   steps = 1000 if quick else 2000
   result = {'collection_1_env': _collection_rate(1, steps),
             'collection_8_envs': _collection_rate(8, steps)}
   result['collection_speedup'] = (result['collection_8_envs'] /
                                   result['collection_1_env'])
   _log(stream, 'bench throughput: collection done')
-  result['end_to_end_1_env'] = _end_to_end([], steps)
-  result['end_to_end_8_envs'] = _end_to_end(['Runner.num_envs = 8'], steps)
-  result['end_to_end_8_envs_async'] = _end_to_end(
-      ['Runner.num_envs = 8', 'DQNAgent.async_acting = True'], steps)
-  _log(stream, 'bench throughput: end to end done')
-  cartpole = ["Runner.schedule = 'continuous_train'",
-              'DQNAgent.min_replay_history = 500']
-  result['seeds_cartpole'] = {
-      s: _seed_group_rate('cartpole_dqn_softmoe.gin', cartpole, s, steps)
-      for s in (1, 2, 4)}
-  pong = ['DQNAgent.min_replay_history = 500', 'DQNAgent.replay_capacity = 20000',
-          SHORT_EPISODES]
-  result['seeds_pong'] = {
-      s: _seed_group_rate('dqn_softmoe.gin', pong, s, steps // 2)
-      for s in (1, 2, 4)}
+  vector = ['Runner.num_envs = 8']
+  result['end_to_end_8_envs'] = _protocol_run('dqn_softmoe.gin', vector, steps // 2)
+  result['end_to_end_8_envs_async'] = _protocol_run('dqn_softmoe.gin',
+                                                    vector + [ASYNC], steps // 2)
+  _log(stream, 'bench throughput: end to end with 8 envs done')
+  seeds = {1: _lone_rate('cartpole_dqn_softmoe.gin', CARTPOLE_SEEDS, steps)}
+  for s in (2, 4):
+    seeds[s] = _seed_group_rate('cartpole_dqn_softmoe.gin', CARTPOLE_SEEDS, s, steps)
+  result['seeds_cartpole'] = seeds
   _log(stream, 'bench throughput: seeds done')
   gin.clear_config()
   return result
@@ -319,43 +335,52 @@ def bench_throughput(quick: bool = False, stream=None) -> Dict[str, Any]:
 
 def run(sections: Optional[List[str]] = None, quick: bool = False,
         stream=None) -> Dict[str, Any]:
+  """Runs the sections (all by default: about 4-5 minutes on 2 CPU cores;
+  `quick` about half, without the 1M-frame memory probe)."""
   sections = sections or list(SECTIONS)
   results: Dict[str, Any] = {'device': jax.devices()[0].platform,
-                             'jax': jax.__version__}
-  if 'networks' in sections:
-    results['networks'] = bench_networks(repeats=5 if quick else 20,
-                                         rounds=2 if quick else 3, stream=stream)
-  if 'agent' in sections:
-    results['agent'] = bench_agent(steps=2000 if quick else 4000, stream=stream,
-                                   memory=not quick)
-  if 'envs' in sections:
-    results['envs'] = bench_envs(seconds=2.0 if quick else 5.0)
-  if 'throughput' in sections:
-    results['throughput'] = bench_throughput(quick=quick, stream=stream)
+                             'jax': jax.__version__, 'seconds': {}}
+  benches = {
+      'networks': lambda: bench_networks(repeats=5 if quick else 10, rounds=2 if quick else 3,
+                                         stream=stream),
+      'agent': lambda: bench_agent(steps=600 if quick else 1000, stream=stream,
+                                   memory=not quick),
+      'envs': lambda: bench_envs(seconds=1.0 if quick else 2.0),
+      'throughput': lambda: bench_throughput(quick=quick, stream=stream),
+  }
+  for section in sections:
+    start = time.perf_counter()
+    results[section] = benches[section]()
+    results['seconds'][section] = time.perf_counter() - start
   return results
+
+
+def _share(row: Dict[str, float]) -> str:
+  return (f"{row['agent_steps_per_second']:>6.0f} agent steps/s, "
+          f"{100 * row['share_outside_gradient_step']:4.1f}% of wall time outside "
+          f"the gradient step ({row['updates']} updates of "
+          f"{row['isolated_update_ms']:.1f} ms in {row['wall_seconds']:.1f} s)")
 
 
 def format_report(results: Dict[str, Any]) -> str:
   lines = [f"device: {results['device']} (jax {results['jax']})"]
   if 'networks' in results:
     lines.append('\nJitted DQN update, Nature CNN, batch 32, Adam '
-                 f"(median of {results['networks']['repeats']}):")
-    lines.append(f"{'penultimate':<18}{'params':>11}{'update ms':>11}"
+                 f"(median of {results['networks']['repeats']}); batch-1 action:")
+    lines.append(f"{'penultimate':<22}{'params':>11}{'update ms':>11}"
                  f"{'x dense':>9}{'act ms':>9}")
     for name, row in results['networks']['variants'].items():
-      lines.append(f"{name:<18}{row['num_params']:>11,}{row['update_ms']:>11.2f}"
+      lines.append(f"{name:<22}{row['num_params']:>11,}{row['update_ms']:>11.2f}"
                    f"{row['relative_to_dense']:>9.2f}{row['act_ms']:>9.2f}")
     lines.append('training-time expert metrics cost '
                  f"{100 * results['networks']['expert_metrics_overhead']:+.1f}% "
                  'of the Soft MoE update')
   if 'agent' in results:
     agent = results['agent']
-    lines.append('\nEnd to end, Pong, Dopamine protocol (1 env, update every 4 steps):')
-    for label in ('dqn_dense', 'dqn_softmoe', 'dqn_softmoe_async'):
-      row = agent[label]
-      lines.append(f"{label:<14} {row['agent_steps_per_second']:>8.0f} agent steps/s, "
-                   f"{100 * row['share_outside_gradient_step']:.1f}% of wall time "
-                   'outside the gradient step')
+    lines.append('\nEnd to end, Pong, Dopamine protocol (1 env, update every 4 steps, '
+                 'batch 32); async = actions one update stale, on a second device:')
+    for label, _, _ in PROTOCOL_CASES:
+      lines.append(f'{label:<18} {_share(agent[label])}')
     lines.append(f"prioritized replay sample (batch 32, 1M capacity): "
                  f"{agent['prioritized_sample_ms']:.2f} ms")
     if agent.get('replay_1m_peak_rss_gb') is not None:
@@ -371,15 +396,16 @@ def format_report(results: Dict[str, Any]) -> str:
     lines.append(f"\nCollection (batched acting + env + replay), Pong Soft MoE: "
                  f"{t['collection_1_env']:.0f} steps/s with 1 env, "
                  f"{t['collection_8_envs']:.0f} with 8 ({t['collection_speedup']:.2f}x)")
-    lines.append(f"End to end at the protocol's replay ratio: "
-                 f"{t['end_to_end_1_env']:.0f} steps/s (1 env), "
-                 f"{t['end_to_end_8_envs']:.0f} (8 envs, fused updates), "
-                 f"{t['end_to_end_8_envs_async']:.0f} (8 envs, async acting)")
-    for task in ('seeds_cartpole', 'seeds_pong'):
-      rates = t[task]
-      base = rates[min(rates)]
-      lines.append(f"{task}: total agent steps/s " + ', '.join(
-          f"S={s}: {r:.0f} ({r / base:.2f}x)" for s, r in rates.items()))
+    lines.append("End to end, 8 vector envs, the protocol's replay ratio (fused updates):")
+    for label in ('end_to_end_8_envs', 'end_to_end_8_envs_async'):
+      lines.append(f'{label:<24} {_share(t[label])}')
+    rates = t['seeds_cartpole']
+    lines.append('CartPole Soft MoE, total agent steps/s of S seeds in one process '
+                 '(S=1: a lone run): ' + ', '.join(
+                     f'S={s}: {r:.0f} ({r / rates[1]:.2f}x)' for s, r in rates.items()))
+  if results.get('seconds'):
+    lines.append('\nbench sections took ' + ', '.join(
+        f'{name} {secs:.0f} s' for name, secs in results['seconds'].items()))
   return '\n'.join(lines)
 
 

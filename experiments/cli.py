@@ -186,14 +186,18 @@ def cmd_plot(args) -> int:
 
 def cmd_bench(args) -> int:
   from experiments import bench  # pylint: disable=g-import-not-at-top
-  results = {}
+  results = {'seconds': {}}
   for section in args.sections or bench.SECTIONS:  # report each as it ends
     part = bench.run(sections=[section], quick=args.quick, stream=sys.stderr)
     if not args.json:
       print(bench.format_report(part), flush=True)
+    results['seconds'].update(part.pop('seconds'))
     results.update(part)
+  total = sum(results['seconds'].values())
   if args.json:
     print(json.dumps(results, indent=2))
+  else:
+    print(f'\nbench took {total:.0f} s in all')
   return EXIT_OK
 
 
