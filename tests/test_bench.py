@@ -25,7 +25,6 @@ def test_report_names_every_figure():
                 'prioritized_sample_ms': 0.4, 'replay_1m_peak_rss_gb': 6.7},
       'throughput': {'collection_1_env': 600.0, 'collection_8_envs': 1200.0,
                      'collection_speedup': 2.0, 'end_to_end_8_envs': row,
-                     'end_to_end_8_envs_async': row,
                      'seeds_cartpole': {1: 900.0, 2: 1000.0, 4: 1350.0}}}
   report = bench.format_report(results)
   for label, _, _ in bench.PROTOCOL_CASES:
