@@ -263,13 +263,11 @@ class DQNAgent:
     replay_cls = (PrioritizedReplayBuffer if replay_scheme == 'prioritized'
                   else ReplayBuffer)
     # Stacked frames are sampled frame-first (cheaper) and moved on the device.
-    stacked = not (stack_size == 1 and len(self.observation_shape) == 1)
     self.replay = replay_cls(
         observation_shape=self.observation_shape, stack_size=stack_size,
         replay_capacity=replay_capacity, batch_size=batch_size,
         update_horizon=update_horizon, gamma=gamma, num_envs=num_envs,
-        observation_dtype=observation_dtype, seed=seed,
-        stack_axis_first=stacked)
+        observation_dtype=observation_dtype, seed=seed, stack_axis_first=True)
     self._prioritized = replay_scheme == 'prioritized'
 
     self.async_acting = async_acting
@@ -305,7 +303,7 @@ class DQNAgent:
         target_update_every=max(1, target_update_period // update_period),
         double_dqn=double_dqn, prioritized=self._prioritized,
         diagnostics_fn=expert_metrics if log_expert_metrics else None)
-    if stacked:
+    if self.replay.stacked:
       train_step = with_stack_axis_last(train_step)
     self.train_step_fn = train_step  # pure, for vmapping across seeds
     self.train_step = jax.jit(train_step, donate_argnums=0)

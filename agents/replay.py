@@ -129,7 +129,8 @@ class ReplayBuffer:
     self._gamma = float(gamma)
     self._observation_dtype = dtype
     self._seed = int(seed)
-    self._stacked = not (self._stack_size == 1 and len(self._observation_shape) == 1)
+    # Samples carry a stack axis, except vector observations with stack_size 1.
+    self.stacked = not (self._stack_size == 1 and len(self._observation_shape) == 1)
     self._stack_axis_first = bool(stack_axis_first)
     self._discounts = (self._gamma ** np.arange(self._update_horizon)).astype(np.float32)
 
@@ -328,7 +329,7 @@ class ReplayBuffer:
     rows = frame_slots * self._num_envs + envs[:, None]  # [B, S] rows of `frames`.
     frames = self._store['observation'].reshape(self._replay_capacity, -1)  # View: [rows, P].
     b, s = rows.shape
-    if not self._stacked:
+    if not self.stacked:
       return np.take(frames, rows[:, 0], axis=0).reshape((b,) + self._observation_shape)
     dead_b, dead_j = np.nonzero(~alive)  # Frames from before the episode start.
     if self._stack_axis_first:
