@@ -45,6 +45,7 @@ import optax
 
 from agents import devices, losses
 from agents.frame_stack import FrameStacker
+from agents.metric_sums import MetricSums
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
 from networks.expert_metrics import GRAM_KEY, expert_metrics, srank_from_gram
 from networks.q_network import NetworkOutput, QNetwork
@@ -313,9 +314,7 @@ class DQNAgent:
     self._update_credit = 0.0
     self.pending_updates = 0  # gradient steps due but not yet run
     self.defer_updates = False  # a SeedGroup runs the updates of many agents
-    self._metric_sums = None
-    self._metric_count = 0
-    self._last_gram = None
+    self.metric_sums = MetricSums()  # train-step metrics since pop_metrics
 
   # -- Hooks for variants (Rainbow overrides these two). --------------------
   def _network_kwargs(self) -> Dict[str, Any]:
@@ -432,35 +431,27 @@ class DQNAgent:
     """Adds `count` steps' worth of metrics (`metrics` holds their mean)."""
     metrics = dict(metrics)
     metrics.pop('priorities', None)
-    gram = metrics.pop(GRAM_KEY, None)
-    if gram is not None:  # the last step's Gram matrix, not a sum
-      self._last_gram = gram
-    scalars = {k: v if count == 1 else v * count for k, v in metrics.items()}
-    if self._metric_sums is None:
-      self._metric_sums = scalars
-    else:
-      self._metric_sums = _tree_add(self._metric_sums, scalars)
-    self._metric_count += count
+    gram = metrics.pop(GRAM_KEY, None)  # the last step's Gram matrix, not a sum
+    self.metric_sums.add(metrics, count, latest=gram)
 
   def pop_metrics(self) -> Dict[str, float]:
     """Means of the train-step metrics since the last call ({} if none).
 
     Per-expert vectors become one key per expert (`moe/expert_share_3`).
     """
-    if self._metric_sums is None:
+    result = self.metric_sums.pop()
+    if result is None:
       return {}
-    sums = jax.device_get(self._metric_sums)
+    sums, count, gram = result
     means = {}
     for key, value in sums.items():
-      value = np.asarray(value) / self._metric_count
+      value = np.asarray(value) / count
       if value.ndim == 0:
         means[key] = float(value)
       else:  # per-expert vectors -> one scalar per expert
         means.update({f'{key}_{i}': float(v) for i, v in enumerate(value)})
-    if self._last_gram is not None:
-      means['moe/srank'] = srank_from_gram(jax.device_get(self._last_gram))
-      self._last_gram = None
-    self._metric_sums, self._metric_count = None, 0
+    if gram is not None:
+      means['moe/srank'] = srank_from_gram(gram)
     return means
 
   # -- Dopamine's single-environment interface. -----------------------------
@@ -496,8 +487,3 @@ class DQNAgent:
     self.training_steps = int(values['training_steps'])
     self._update_credit = float(values['update_credit'])
     self._acting_params = None
-
-
-@jax.jit
-def _tree_add(a, b):
-  return jax.tree_util.tree_map(jnp.add, a, b)

@@ -21,29 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from agents import devices
+from agents.metric_sums import MetricSums
 from experiments.run_dir import RunDirError
 from networks.expert_metrics import GRAM_KEY
 from experiments.runner import Progress, Runner
-
-
-def _seed_mask(mask, x):
-  return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
-
-
-@jax.jit
-def _masked(tree, mask):
-  return jax.tree_util.tree_map(lambda x: x * _seed_mask(mask, x), tree)
-
-
-@jax.jit
-def _masked_add(sums, tree, mask):
-  return jax.tree_util.tree_map(lambda a, x: a + x * _seed_mask(mask, x),
-                                sums, tree)
-
-
-@jax.jit
-def _where_seed(mask, new, old):
-  return jnp.where(_seed_mask(mask, new), new, old)
 
 
 def _split_evenly(count: int, parts: int) -> List[range]:
@@ -59,11 +40,7 @@ class _Shard:
     self.seeds, self.device = seeds, device
     self.state = None  # TrainState, every leaf [k, ...]
     self.rngs = None  # [k, 2]
-    self.reset_metrics()
-
-  def reset_metrics(self) -> None:
-    self.metric_sums, self.last_gram = None, None
-    self.metric_counts = np.zeros(len(self.seeds), np.int64)
+    self.metric_sums = MetricSums()  # weights [k]: 1 where a seed updated
 
   def gather(self, agents) -> None:
     host = lambda tree: jax.device_get(tree)
@@ -79,28 +56,16 @@ class _Shard:
       agents[s]._rng = self.rngs[j]
 
   def accumulate(self, metrics, do_update) -> None:
-    """Sums each seed's metrics on device (one call); split per iteration."""
+    """Queues each seed's metrics (summed on device); split per iteration."""
     metrics = {k: v for k, v in metrics.items() if k != 'priorities'}
-    gram = metrics.pop(GRAM_KEY, None)
-    if gram is not None:  # the newest Gram matrix of each updated seed
-      self.last_gram = (gram if self.last_gram is None
-                        else _where_seed(do_update, gram, self.last_gram))
-    if self.metric_sums is None:
-      self.metric_sums = _masked(metrics, do_update)
-    else:
-      self.metric_sums = _masked_add(self.metric_sums, metrics, do_update)
-    self.metric_counts += do_update
+    gram = metrics.pop(GRAM_KEY, None)  # the newest of each updated seed
+    self.metric_sums.add(metrics, do_update, latest=gram)
 
   def hand_metrics_to(self, agents) -> None:
     """Gives each agent its seed's sums, so pop_metrics works as alone."""
     for j, s in enumerate(self.seeds):
-      if self.metric_counts[j]:
-        agents[s]._metric_sums = jax.tree_util.tree_map(lambda x, j=j: x[j],
-                                                        self.metric_sums)
-        agents[s]._metric_count = int(self.metric_counts[j])
-        if self.last_gram is not None:
-          agents[s]._last_gram = self.last_gram[j]
-    self.reset_metrics()
+      agents[s].metric_sums = self.metric_sums.seed(j)
+    self.metric_sums.clear()
 
 
 class SeedGroup:
