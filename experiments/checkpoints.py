@@ -16,7 +16,11 @@ Guarantees:
 * ``save`` writes everything into ``ckpt_<iteration>.tmp/``, fsyncs every file and the
   directory, renames it to ``ckpt_<iteration>/`` and only then deletes checkpoints
   beyond the newest ``keep``. A kill at any moment leaves every finished checkpoint
-  intact; the unfinished ``.tmp`` directory is ignored and removed later.
+  intact; the unfinished ``.tmp`` directory is ignored and removed by the next
+  ``save``. A kill while re-saving an iteration can leave only ``ckpt_<i>.old/``:
+  readers use it as checkpoint ``i`` and the next ``save`` renames it back.
+* Only ``save`` changes the directory. Finding and restoring checkpoints never
+  deletes or renames anything, so ``moerl eval`` can read a run while it trains.
 * ``restore`` verifies every checksum before deserialising anything. A damaged,
   truncated or incomplete checkpoint raises CorruptCheckpointError naming its path and
   the fix; a failed restore never modifies or deletes anything on disk.
@@ -44,7 +48,7 @@ META_FILE = "meta.json"
 VALUES_FILE = "values.json"
 PYTREE_DIR = "pytrees"
 OBJECT_DIR = "objects"
-_CKPT_RE = re.compile(r"^ckpt_(\d+)$")
+_FINISHED_RE = re.compile(r"^ckpt_(\d+)(\.old)?$")
 _STALE_RE = re.compile(r"^ckpt_(\d+)\.(tmp|old)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -132,21 +136,36 @@ class Checkpointer:
     """The directory of the checkpoint of ``iteration``."""
     return os.path.join(self.checkpoint_dir, f"ckpt_{int(iteration)}")
 
-  def iterations(self) -> list[int]:
-    """Iterations of the finished checkpoints on disk, ascending."""
+  def _finished(self) -> dict[int, str]:
+    """Paths of the finished checkpoints by iteration.
+
+    ``ckpt_<i>/``, or ``ckpt_<i>.old/`` where a save killed while replacing
+    ``ckpt_<i>`` left only that one. Reads the directory listing only.
+    """
     try:
       names = os.listdir(self.checkpoint_dir)
     except FileNotFoundError:
-      return []
-    found = []
+      return {}
+    found = {}
     for name in names:
-      match = _CKPT_RE.match(name)
-      if match and os.path.isdir(os.path.join(self.checkpoint_dir, name)):
-        found.append(int(match.group(1)))
-    return sorted(found)
+      match = _FINISHED_RE.match(name)
+      full = os.path.join(self.checkpoint_dir, name)
+      if not match or not os.path.isdir(full):
+        continue
+      iteration, is_old = int(match.group(1)), bool(match.group(2))
+      if not is_old or iteration not in found:
+        found[iteration] = full
+    return found
+
+  def iterations(self) -> list[int]:
+    """Iterations of the finished checkpoints on disk, ascending."""
+    return sorted(self._finished())
 
   def _clean_stale(self) -> None:
-    """Removes leftovers of a killed save (``.tmp``; ``.old`` once superseded)."""
+    """Removes leftovers of a killed save (``.tmp``; ``.old`` once superseded).
+
+    Only ``save`` calls this: a reader must never touch a live run's files.
+    """
     try:
       names = os.listdir(self.checkpoint_dir)
     except FileNotFoundError:
@@ -163,8 +182,7 @@ class Checkpointer:
         shutil.rmtree(stale, ignore_errors=True)
 
   def latest_iteration(self) -> int | None:
-    """The newest finished checkpoint's iteration, or None; removes stale leftovers."""
-    self._clean_stale()
+    """The newest finished checkpoint's iteration, or None; changes nothing on disk."""
     found = self.iterations()
     return found[-1] if found else None
 
@@ -217,8 +235,9 @@ class Checkpointer:
     else:
       os.rename(tmp, final)
       fsync_dir(self.checkpoint_dir)
-    for old_iteration in self.iterations()[:-self.keep]:
-      shutil.rmtree(self.path(old_iteration))
+    finished = self._finished()
+    for old_iteration in sorted(finished)[:-self.keep]:
+      shutil.rmtree(finished[old_iteration])
     fsync_dir(self.checkpoint_dir)
     return final
 
@@ -298,11 +317,11 @@ class Checkpointer:
             f"there is no checkpoint in {self.checkpoint_dir}; "
             "start the run without resuming or pass the right --base_dir.")
       iteration = found[-1]
-    path = self.path(iteration)
-    if not os.path.isdir(path):
+    path = self._finished().get(int(iteration))
+    if path is None:
       raise RunDirError(
-          f"there is no checkpoint {path} (found iterations {self.iterations()}); "
-          "restore one of those iterations.")
+          f"there is no checkpoint {self.path(iteration)} (found iterations "
+          f"{self.iterations()}); restore one of those iterations.")
     meta = self._verified_meta(path)
     kinds = meta["kinds"]
     missing = [name for name in template if name not in kinds]

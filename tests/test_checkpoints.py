@@ -122,18 +122,57 @@ def test_resave_same_iteration_replaces_it(tmp_path):
   assert ckpt.restore(1, _template())["counters"]["iteration"] == 5
 
 
-def test_stale_tmp_ignored_and_removed(tmp_path):
+def test_stale_tmp_ignored_by_readers_and_removed_by_save(tmp_path):
   ckpt = Checkpointer(str(tmp_path))
   ckpt.save(1, _state(1))
-  stale = tmp_path / "ckpt_2.tmp"  # A save killed half way.
+  stale = tmp_path / "ckpt_2.tmp"  # A save in progress, or killed half way.
   (stale / "pytrees").mkdir(parents=True)
   (stale / "pytrees" / "train_state.msgpack").write_bytes(b"\x81\xa3half")
+  before = _snapshot(tmp_path)
   assert ckpt.latest_iteration() == 1
-  assert not stale.exists()
   assert ckpt.restore(template=_template())["counters"]["iteration"] == 1
+  # A second reader (moerl eval while the run trains) changes nothing.
+  reader = Checkpointer(str(tmp_path))
+  assert reader.latest_iteration() == 1
+  assert reader.restore(1, _template())["counters"]["iteration"] == 1
+  assert _snapshot(tmp_path) == before
   (tmp_path / "ckpt_3.tmp").mkdir()
-  ckpt.save(3, _state(3))  # A save over a leftover of the same iteration.
+  ckpt.save(3, _state(3))  # The writer cleans, also over its own iteration.
   assert sorted(os.listdir(tmp_path)) == ["ckpt_1", "ckpt_3"]
+
+
+def test_old_left_by_a_killed_resave_is_read_in_place_then_recovered(tmp_path):
+  ckpt = Checkpointer(str(tmp_path))
+  ckpt.save(1, _state(1))
+  ckpt.save(2, _state(2))
+  # Killed between renaming ckpt_2 to ckpt_2.old and the new ckpt_2.tmp into place.
+  os.rename(tmp_path / "ckpt_2", tmp_path / "ckpt_2.old")
+  (tmp_path / "ckpt_2.tmp").mkdir()
+  before = _snapshot(tmp_path)
+  reader = Checkpointer(str(tmp_path))
+  assert reader.iterations() == [1, 2]
+  assert reader.latest_iteration() == 2
+  assert reader.restore(template=_template())["counters"]["iteration"] == 2
+  assert reader.restore(2, _template())["counters"]["iteration"] == 2
+  assert _snapshot(tmp_path) == before
+  ckpt.save(3, _state(3))  # Training resumes: the writer puts ckpt_2 back.
+  assert sorted(os.listdir(tmp_path)) == ["ckpt_2", "ckpt_3"]
+  assert ckpt.restore(2, _template())["counters"]["iteration"] == 2
+
+
+def test_old_beside_its_replacement_is_ignored(tmp_path):
+  Checkpointer(str(tmp_path / "other")).save(2, _state(9))
+  ckpt = Checkpointer(str(tmp_path / "run"))
+  ckpt.save(2, _state(5))
+  # Killed after the new ckpt_2 went into place, before ckpt_2.old was deleted.
+  shutil.copytree(tmp_path / "other" / "ckpt_2", tmp_path / "run" / "ckpt_2.old")
+  before = _snapshot(tmp_path / "run")
+  assert ckpt.iterations() == [2]
+  assert ckpt.restore(2, _template())["counters"]["iteration"] == 5
+  assert _snapshot(tmp_path / "run") == before
+  ckpt.save(3, _state(3))
+  assert sorted(os.listdir(tmp_path / "run")) == ["ckpt_2", "ckpt_3"]
+  assert ckpt.restore(2, _template())["counters"]["iteration"] == 5
 
 
 def test_failed_save_leaves_no_partial_checkpoint(tmp_path):
