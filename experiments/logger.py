@@ -9,7 +9,8 @@ killed process leaves at most one torn (newline-less) last line.
 Guarantees:
 
 * ``read_metrics`` drops a torn last line; a complete line that does not parse is
-  reported as a RunDirError (the file was edited or damaged).
+  reported as a RunDirError (the file was edited or damaged), or skipped with
+  ``lenient=True`` (read-only views such as plots).
 * ``truncate_metrics`` (called on resume with the restored checkpoint's iteration)
   atomically rewrites the file keeping only records with ``iteration <= N``, one per
   iteration, with no torn line, so a kill/restart never duplicates iterations.
@@ -80,32 +81,40 @@ def _split_lines(data: bytes) -> tuple[list[bytes], bool]:
   return [p for p in parts if p.strip()], bool(tail.strip())
 
 
-def _parse_lines(path: str, lines: list[bytes]) -> list[dict]:
+def _parse_lines(path: str, lines: list[bytes], lenient: bool = False) -> list[dict]:
+  """The JSON objects of ``lines``; a line that is none raises, or is skipped if lenient."""
   records = []
   for number, line in enumerate(lines, start=1):
     try:
       record = json.loads(line)
-    except ValueError:
+    except ValueError:  # Includes bytes that are not UTF-8.
       record = None
-    if not isinstance(record, dict):
+    if isinstance(record, dict):
+      records.append(record)
+    elif not lenient:
       raise RunDirError(
           f"{path} line {number} is not a JSON object; "
           "delete or repair that line.")
-    records.append(record)
   return records
 
 
-def read_metrics(path: str) -> list[dict]:
-  """Returns the records of a metrics.jsonl file in order, dropping a torn last line.
+def read_metrics(path: str, *, lenient: bool = False) -> list[dict]:
+  """Returns the records of a metrics.jsonl file in file order.
 
-  ``path`` may be the file or the run directory holding it.
+  ``path`` may be the file or the run directory holding it. Both modes drop blank
+  lines and a torn (newline-less) last line, which a run killed mid-write or still
+  being written leaves. A complete line that is not a JSON object (invalid JSON,
+  bytes that are not UTF-8, or a JSON list / number / string) raises RunDirError
+  naming the line, unless ``lenient``: then it is skipped, so a read-only view of a
+  damaged run shows the rest. Either way records are returned as logged: one whose
+  ``iteration`` is missing or repeated is the caller's to judge.
   """
   path = os.fspath(path)
   if os.path.isdir(path):
     path = os.path.join(path, METRICS_FILE)
   with open(path, "rb") as f:
     lines, _ = _split_lines(f.read())
-  return _parse_lines(path, lines)
+  return _parse_lines(path, lines, lenient)
 
 
 def truncate_metrics(path: str, last_iteration: int) -> None:

@@ -58,6 +58,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from experiments import scores as scores_lib
+from experiments.logger import read_metrics
 
 
 class PlotError(ValueError):
@@ -131,22 +132,16 @@ def _num(v: Any) -> float:
 
 
 def _read_metrics(path: Path) -> list[dict]:
+    """The last record logged for each iteration, in iteration order.
+
+    Lines ``read_metrics`` cannot parse (torn or damaged) and records without an int
+    ``iteration`` are skipped; a resumed run may repeat an iteration.
+    """
     by_iter: dict[int, dict] = {}
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # torn line
-            if not isinstance(row, dict):
-                continue
-            it = row.get("iteration")
-            if isinstance(it, bool) or not isinstance(it, (int, float)):
-                continue
-            by_iter[int(it)] = row
+    for row in read_metrics(path, lenient=True):
+        it = row.get("iteration")
+        if isinstance(it, int) and not isinstance(it, bool):
+            by_iter[it] = row
     return [by_iter[k] for k in sorted(by_iter)]
 
 
@@ -621,7 +616,7 @@ def plot_runs(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         probe.unlink()
     except OSError as e:
         raise PlotError(f"cannot write plots to {out} ({e.strerror}); pass a writable "
-                        f"--out_dir") from None
+                        f"--out") from None
 
     metric = choose_metric(runs)
     if metric == "eval":

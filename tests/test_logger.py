@@ -125,6 +125,22 @@ def test_corrupt_middle_line_reported(tmp_path):
     read_metrics(str(path))
 
 
+def test_lenient_read_skips_damaged_lines_strict_read_names_them(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  # Damaged lines (bad JSON, a list, bytes that are not UTF-8), a blank line, a
+  # repeated iteration, and the torn tail of a run that is still writing.
+  damaged = b'{"itera\n[1, 2]\n\xff\xfe{"iteration": 9}\n\n'
+  _write_lines(path, [_record(0)])
+  with open(path, "ab") as f:
+    f.write(damaged)
+    f.write(b"".join((json.dumps(_record(1)) + "\n").encode() for _ in range(2)))
+    f.write(b'{"iteration": 2, "lo')
+  assert read_metrics(str(path), lenient=True) == [
+      _record(0), _record(1), _record(1)]
+  with pytest.raises(RunDirError, match="line 2"):
+    read_metrics(str(path))
+
+
 def test_truncate_keeps_iterations_up_to_n_without_duplicates(tmp_path):
   path = tmp_path / "metrics.jsonl"
   # A first process logged 0..4 and died mid-line; a restart from checkpoint 2

@@ -207,3 +207,27 @@ def test_no_runs_raises_plot_error(tmp_path):
         plot_runs(tmp_path)
     with pytest.raises(PlotError, match="last_n"):
         plot_runs(tmp_path, last_n=0)
+
+
+def test_damaged_and_repeated_lines_are_skipped(tmp_path):
+    rets = write_run(tmp_path, None, "dense", 1, 100, "CartPole-v1", 0, atari=False,
+                     torn=True)
+    path = next(tmp_path.rglob("metrics.jsonl"))
+    lines = path.read_bytes().split(b"\n")
+    repeated = json.loads(lines[3])
+    repeated["train_episode_return_mean"] = 1234.0  # A resumed run relogged iteration 3.
+    lines[1:1] = [b'{"itera', b"[1]", b"\xff\xfe", b'{"no_iteration": 1}',
+                  b'{"iteration": true}']
+    lines.insert(-1, json.dumps(repeated).encode())
+    path.write_bytes(b"\n".join(lines))
+    (run,) = plots.load_runs(tmp_path)
+    assert run.iterations.tolist() == list(range(ITERS))
+    assert run.train_return.tolist() == rets[:3] + [1234.0] + rets[4:]
+
+
+def test_unwritable_out_names_the_out_flag(tmp_path):
+    write_run(tmp_path / "runs", None, "dense", 1, 100, "CartPole-v1", 0, atari=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PlotError, match=r"pass a writable --out$") as raised:
+        plot_runs(tmp_path / "runs", tmp_path / "file" / "plots", reps=10)
+    assert "--out_dir" not in str(raised.value)
