@@ -5,7 +5,8 @@ path for one env and for many. The protocol (``BatchedEnv``)::
 
     env.num_envs, env.num_actions, env.observation_shape, env.observation_dtype, env.name
     env.reset(seed=None) -> observations [num_envs, *observation_shape]
-    env.step(actions[num_envs]) -> StepResult(observation, reward, terminated, truncated)
+    env.step(actions[num_envs]) -> StepResult(observation, reward, terminated, truncated,
+                                              life_lost)
     env.close()
 
 ``observation_shape`` is the shape of ONE frame: ``(84, 84)`` uint8 for Atari, e.g. ``(4,)``
@@ -33,9 +34,13 @@ with every preprocessing option set explicitly, because its defaults differ from
   ``sticky_actions=False``), minimal action set (``full_action_space=False``);
 * ``frameskip=4`` with max-pool over the last two frames, grayscale, 84x84 (area resize),
   ``stack_num=1`` (the stack axis is squeezed away);
-* ``noop_max=0``, ``use_fire_reset=False``, ``episodic_life=terminal_on_life_loss``;
+* ``noop_max=0``, ``use_fire_reset=False``, ``episodic_life=False``: a lost life never resets
+  the game. With ``terminal_on_life_loss=True`` it is reported in ``life_lost`` (from the change
+  in ALE's ``lives``), as Dopamine's ``AtariPreprocessing`` reports it: terminal for learning
+  and the end of the agent's episode (new frame stack), while the game, its return and its
+  episode cap go on until game over;
 * ``reward_clipping=False``: rewards are the UNCLIPPED game score (clipping to [-1, 1] is done by
-  the agent, for learning only, so reported returns are always the true game score);
+  the runner, for learning only, so reported returns are always the true game score);
 * ``autoreset_mode='SameStep'`` (supported natively by ale-py 0.12);
 * episode cap of ``max_steps_per_episode`` agent steps (27,000 = 108,000 frames by default),
   reported as ``truncated``. The cap is counted here, per sub-environment, and the capped
@@ -45,7 +50,7 @@ with every preprocessing option set explicitly, because its defaults differ from
   used for the cap (it is set out of reach) because in ale-py 0.12 the observation returned at an
   ALE truncation is stale: it repeats the previous step's frame instead of the frame after the
   last 4 frames (found while writing tests/test_environments.py). ALE's counter and ours both
-  restart at every episode end, including life losses with ``terminal_on_life_loss=True``.
+  restart at every game end (game over or cap), not at a lost life.
   ``truncated`` is only set where ``terminated`` is not: a terminal transition is terminal.
 
 With sticky actions off these frames are byte-identical to gymnasium's
@@ -108,8 +113,25 @@ class StepResult(NamedTuple):
 
     observation: np.ndarray  # [num_envs, *observation_shape]; next episode's first obs if ended
     reward: np.ndarray  # [num_envs] float32, unclipped
-    terminated: np.ndarray  # [num_envs] bool
-    truncated: np.ndarray  # [num_envs] bool
+    terminated: np.ndarray  # [num_envs] bool: game over
+    truncated: np.ndarray  # [num_envs] bool: episode cap
+    life_lost: np.ndarray  # [num_envs] bool: a life lost, the game goes on (terminal_on_life_loss)
+
+    @property
+    def episode_ends(self) -> np.ndarray:
+        """The episode (a whole game) ends here: its return is complete, the env was reset."""
+        return self.terminated | self.truncated
+
+    @property
+    def agent_episode_ends(self) -> np.ndarray:
+        """Dopamine's end_episode / begin_episode: a game's end or a lost life. The agent
+        starts a new frame stack and the replay a new episode."""
+        return self.terminated | self.truncated | self.life_lost
+
+    @property
+    def terminal(self) -> np.ndarray:
+        """Terminal for learning (no bootstrap): game over, or a lost life."""
+        return self.terminated | self.life_lost
 
 
 class BatchedEnv(Protocol):
@@ -236,7 +258,7 @@ class AtariEnv:
             frameskip=FRAMES_PER_AGENT_STEP,
             maxpool=True,
             noop_max=0,
-            episodic_life=self.terminal_on_life_loss,
+            episodic_life=False,  # a lost life is reported in life_lost, see step()
             life_loss_info=False,
             reward_clipping=False,
             use_fire_reset=False,
@@ -247,6 +269,7 @@ class AtariEnv:
             (self.num_envs, *self.observation_shape), self.observation_dtype
         )
         self._episode_steps = np.zeros(self.num_envs, np.int64)
+        self._lives = np.zeros(self.num_envs, np.int64)
         self._was_reset = False
         self._closed = False
 
@@ -255,8 +278,9 @@ class AtariEnv:
             seed = self.seed
         if seed is not None:
             seed = int(seed)
-        obs, _ = self._env.reset(seed=seed)
+        obs, info = self._env.reset(seed=seed)
         self._episode_steps[:] = 0
+        self._lives[:] = info["lives"]
         self._was_reset = True
         return obs[:, 0]
 
@@ -268,6 +292,7 @@ class AtariEnv:
         obs = obs[:, 0]
         terminated = np.asarray(terminated, dtype=bool)
         truncated = np.asarray(truncated, dtype=bool) & ~terminated
+        lives = np.asarray(info["lives"], np.int64)  # after an autoreset: the new game's
         if "final_obs" in info:  # ALE ended (and already reset) these sub-environments
             ended = terminated | truncated
             self.final_observation[ended] = np.asarray(info["final_obs"])[ended, 0]
@@ -278,16 +303,21 @@ class AtariEnv:
             )
             if capped.any():
                 self.final_observation[capped] = obs[capped]
-                new_obs, _ = self._env.reset(options={"reset_mask": capped})
+                new_obs, reset_info = self._env.reset(options={"reset_mask": capped})
                 obs = obs.copy()
                 obs[capped] = new_obs[capped, 0]
                 truncated = truncated | capped
-        self._episode_steps[terminated | truncated] = 0
+                lives = np.where(capped, reset_info["lives"], lives)
+        ended = terminated | truncated
+        life_lost = (lives < self._lives) & ~ended & self.terminal_on_life_loss
+        self._lives = lives
+        self._episode_steps[ended] = 0
         return StepResult(
             observation=obs,
             reward=np.asarray(reward, dtype=np.float32),
             terminated=terminated,
             truncated=truncated,
+            life_lost=life_lost,
         )
 
     def close(self) -> None:
@@ -418,6 +448,7 @@ class GymEnv:
             reward=np.asarray(reward, dtype=np.float32),
             terminated=terminated,
             truncated=truncated,
+            life_lost=np.zeros(self.num_envs, bool),
         )
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ experts.png; `format_table` renders the printed table. `moerl experts` wires
 them.
 """
 
+import contextlib
 import functools
 import os
 from typing import Any, Dict, List, Optional, Sequence
@@ -36,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agents.frame_stack import FrameStacker
 from experiments.run_dir import atomic_save_figure, atomic_write_json
 
 MODES = ('topk', 'random')
@@ -138,29 +138,14 @@ def random_masks(batch: int, experts: int, k: int,
 
 
 # -- Environment interaction. ----------------------------------------------------
-def make_env(runner):
-  """A fresh single env configured like the run's (same game, caps, seed)."""
-  return runner.make_env(1)
-
-
 def collect_states(runner, num_states: int, seed: int) -> np.ndarray:
   """`num_states` stacked observations visited by the greedy (eval-mode) agent."""
-  agent = runner.agent
-  env = make_env(runner)
-  stacker = FrameStacker(1, env.observation_shape, agent.stack_size,
-                         env.observation_dtype)
-  stacker.reset(env.reset(seed=seed))
   states = []
-  agent.start_phase(eval_mode=True)
-  try:
-    while len(states) < num_states:
-      observation = stacker.observations
-      states.append(observation[0].copy())
-      result = env.step(agent.select_actions(observation))
-      stacker.push(result.observation, result.terminated | result.truncated)
-  finally:
-    agent.eval_mode = False
-    env.close()
+  with contextlib.closing(runner.eval_steps(seed)) as steps:
+    for observations, _ in steps:
+      states.append(observations[0].copy())
+      if len(states) >= num_states:
+        break
   return np.stack(states)
 
 

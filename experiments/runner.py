@@ -18,9 +18,10 @@ Atari), the x-axis of Dopamine's published curves; `agent_steps_taken` counts
 the training steps actually taken, episode overruns included.
 """
 
+import contextlib
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import gin
 import numpy as np
@@ -119,13 +120,13 @@ class Phase:
     """Steps every env; returns the number of agent steps that counted."""
     observations = self.stacker.observations
     result = self.env.step(actions)
-    ends = result.terminated | result.truncated
+    ends = result.episode_ends  # games over or capped: returns complete
     active = self.active
     if not self.eval_mode:
       rewards = (np.clip(result.reward, -1.0, 1.0) if self.runner.clip_rewards
                  else result.reward)
-      self.agent.record(observations, actions, rewards, result.terminated,
-                        ends, active)
+      self.agent.record(observations, actions, rewards, result.terminal,
+                        result.agent_episode_ends, active)
     self.running_return += np.where(active, result.reward, 0.0)
     num_active = int(active.sum())
     self.steps += num_active
@@ -134,7 +135,7 @@ class Phase:
     self.running_return[ends] = 0.0
     if self.steps >= self.min_steps:
       self.active = active & ~ends
-    self.stacker.push(result.observation, ends)
+    self.stacker.push(result.observation, result.agent_episode_ends)
     return num_active
 
   def close(self) -> None:
@@ -177,6 +178,8 @@ class Runner:
                         ('num_envs', num_envs)):
       if value < 1:
         raise ValueError(f'Runner.{name}={value} must be >= 1.')
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+      raise ValueError(f'Runner.seed={seed!r} must be an integer >= 0.')
     self.base_dir = base_dir
     self.num_iterations = num_iterations
     self.training_steps = training_steps
@@ -195,7 +198,7 @@ class Runner:
     self.agent = agent(
         num_actions if num_actions is not None else self.env.num_actions,
         self.env.observation_shape, self.env.observation_dtype,
-        4 if self.is_atari else 1, num_envs=num_envs, seed=seed)
+        num_envs=num_envs, seed=seed)  # stack_size: a gin parameter of the agent
     self.num_params = count_parameters(self.agent.state.online_params)
     self.identity = dict(
         game=self.env.name, is_atari=self.is_atari, seed=seed,
@@ -253,7 +256,7 @@ class Runner:
         train_seconds=train['seconds'],
         eval_episode_return_mean=None,
         eval_episodes=0,
-        loss=None)
+        loss=None, td_loss=None, aux_loss=None, q_mean=None)  # before any update
     metrics.update(self.agent.pop_metrics())
     if evaluation is not None:
       metrics.update(eval_episode_return_mean=evaluation['return_mean'],
@@ -343,16 +346,14 @@ class Runner:
     self.agent.restore(restored['agent'], restored['counters'])
     return latest
 
-  def make_env(self, num_envs: int):
-    """A new environment of this run's config (its own seeds on reset)."""
-    return self._make_env(num_envs)
+  def eval_steps(self, seed: int, policy: Optional[Callable] = None
+                 ) -> Iterator[Tuple[np.ndarray, environments.StepResult]]:
+    """Steps a fresh single env, yielding (observations, result) per step:
+    the stacked observations [1, ...] the action was chosen on, and the step.
 
-  def evaluate_episodes(self, num_episodes: int, seed: int = 12345,
-                        policy: Optional[Callable] = None) -> List[float]:
-    """Returns of `num_episodes` episodes on a fresh env.
-
-    `policy(observations [1, ...]) -> actions [1]` defaults to the agent in
-    evaluation mode (epsilon_eval, no network noise).
+    `policy(observations) -> actions [1]` defaults to the agent in evaluation
+    mode (epsilon_eval, no network noise). Closing the generator closes the
+    env and ends evaluation mode.
     """
     env = self._make_env(1)
     agent = self.agent
@@ -361,19 +362,30 @@ class Runner:
     stacker = FrameStacker(1, env.observation_shape, agent.stack_size,
                            env.observation_dtype)
     stacker.reset(env.reset(seed=seed))
-    returns, running = [], 0.0
     try:
-      while len(returns) < num_episodes:
-        result = env.step(policy(stacker.observations))
-        running += float(result.reward[0])
-        ends = result.terminated | result.truncated
-        if ends[0]:
-          returns.append(running)
-          running = 0.0
-        stacker.push(result.observation, ends)
+      while True:
+        observations = stacker.observations
+        result = env.step(policy(observations))
+        yield observations, result
+        stacker.push(result.observation, result.agent_episode_ends)
     finally:
       agent.eval_mode = False
       env.close()
+
+  def evaluate_episodes(self, num_episodes: int, seed: int = 12345,
+                        policy: Optional[Callable] = None) -> List[float]:
+    """Returns of `num_episodes` whole games (see `eval_steps`)."""
+    returns, running = [], 0.0
+    if num_episodes < 1:
+      return returns
+    with contextlib.closing(self.eval_steps(seed, policy)) as steps:
+      for _, result in steps:
+        running += float(result.reward[0])
+        if result.episode_ends[0]:
+          returns.append(running)
+          running = 0.0
+          if len(returns) == num_episodes:
+            break
     return returns
 
   def close(self) -> None:

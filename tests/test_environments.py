@@ -97,7 +97,8 @@ def test_atari_protocol_settings_passed_explicitly(monkeypatch):
     env.close()
     kw = captured["kwargs"]
     assert kw["repeat_action_probability"] == 0.0
-    assert kw["episodic_life"] is True
+    # A lost life never resets the game: the wrapper reports it in life_lost.
+    assert kw["episodic_life"] is False and kw["life_loss_info"] is False
     # The episode cap is counted by the wrapper; ALE's own cap must never fire before it.
     assert kw["max_num_frames_per_episode"] > 4 * 100
 
@@ -156,7 +157,7 @@ def test_atari_same_step_autoreset_on_truncation():
 
 
 def test_atari_two_envs_shapes_and_per_env_truncation():
-    cap = 40
+    cap = 200  # random Breakout games end on either side of it
     env = create_atari_environment(
         "Breakout", num_envs=2, terminal_on_life_loss=True, max_steps_per_episode=cap, seed=1
     )
@@ -172,7 +173,7 @@ def test_atari_two_envs_shapes_and_per_env_truncation():
         lengths = np.zeros(2, int)
         truncation_steps = [[], []]
         terminations = 0
-        for t, a in enumerate(_random_actions(4, (300, 2), seed=0)):
+        for t, a in enumerate(_random_actions(4, (1000, 2), seed=0)):
             res = env.step(a)
             ref = uncapped.step(a)
             for i in range(2):
@@ -194,9 +195,9 @@ def test_atari_two_envs_shapes_and_per_env_truncation():
                     truncation_steps[i].append(t)
                 if lengths[i] == cap:
                     assert res.terminated[i] or res.truncated[i]
-                terminations += int(res.terminated[i])
+                terminations += int(res.life_lost[i])
                 if res.terminated[i] or res.truncated[i]:
-                    lengths[i] = 0
+                    lengths[i] = 0  # the cap counts whole games, across lost lives
         assert terminations > 0
         assert truncation_steps[0] and truncation_steps[1]
         assert truncation_steps[0] != truncation_steps[1]  # each env has its own episode clock
@@ -423,3 +424,47 @@ def test_atari_capped_resets_are_reproducible_with_sticky_actions():
         assert sum(int(s.truncated[0]) for s in steps) == 3
         runs.append(np.stack([s.observation[0] for s in steps]))
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def _breakout_run(terminal_on_life_loss, steps=1500, cap=None):
+    env = create_atari_environment(
+        "Breakout", sticky_actions=False, terminal_on_life_loss=terminal_on_life_loss,
+        max_steps_per_episode=cap, seed=3)
+    try:
+        env.reset()
+        return [env.step(np.array([a])) for a in _random_actions(4, steps, seed=4)]
+    finally:
+        env.close()
+
+
+def test_life_loss_is_reported_without_resetting_the_game():
+    """Dopamine's terminal_on_life_loss: a lost life is terminal for learning, and the
+    game goes on; only the reporting differs from a run without it."""
+    plain = _breakout_run(False)
+    lossy = _breakout_run(True)
+    for a, b in zip(plain, lossy):  # same frames, rewards and game ends
+        np.testing.assert_array_equal(a.observation, b.observation)
+        assert a.reward[0] == b.reward[0] and a.terminated[0] == b.terminated[0]
+        assert not a.life_lost[0]
+    games = sum(int(r.terminated[0]) for r in lossy)
+    losses = sum(int(r.life_lost[0]) for r in lossy)
+    assert games >= 2
+    # Breakout has 5 lives: 4 losses per finished game, and a life lost never ends a game.
+    assert 4 * games <= losses < 4 * games + 5
+    assert not any(r.life_lost[0] and r.terminated[0] for r in lossy)
+    ends = [r for r in lossy if r.life_lost[0] or r.terminated[0]]
+    assert all(r.terminal[0] and r.agent_episode_ends[0] for r in ends)
+    assert not any(r.episode_ends[0] for r in lossy if r.life_lost[0])
+
+
+def test_episode_cap_counts_whole_games_across_lost_lives():
+    cap = 100  # longer than a life, shorter than a game
+    results = _breakout_run(True, steps=400, cap=cap)
+    length, saw_loss_mid_game = 0, False
+    for r in results:
+        length += 1
+        saw_loss_mid_game |= bool(r.life_lost[0])
+        if r.episode_ends[0]:
+            assert length == cap and r.truncated[0]
+            length = 0
+    assert saw_loss_mid_game

@@ -1,0 +1,76 @@
+"""The runner's phase on Atari: what ends an episode for the agent and for the logs."""
+
+import os
+import re
+
+import numpy as np
+
+from experiments import gin_config
+from experiments.runner import Runner
+
+
+def test_life_loss_ends_the_agents_episode_but_not_the_game():
+  """DER's terminal_on_life_loss, as Dopamine runs it: a lost life is terminal
+  in the replay and starts a new frame stack; the reported return is the
+  whole game's (unclipped) score."""
+  gin_config.load(['der.gin'], [
+      "create_atari_environment.game_name = 'Breakout'",
+      'RainbowAgent.min_replay_history = 100000',  # acting and recording only
+      'RainbowAgent.replay_capacity = 5000', 'Runner.training_steps = 700'])
+  runner = Runner(None)
+  results = []
+  step = runner.env.step
+
+  def recording_step(actions):
+    results.append(step(actions))
+    return results[-1]
+
+  runner.env.step = recording_step
+  phase = runner.new_phase(runner.env, 700, False, 0)
+  rng = np.random.default_rng(0)
+  restarted_stacks = 0
+  while not phase.done:
+    phase.step(rng.integers(0, runner.env.num_actions, 1))
+    if results[-1].life_lost[0]:  # a new stack: zeros then the new frame
+      assert not phase.observations[0, ..., :-1].any()
+      assert phase.observations[0, ..., -1].any()
+      restarted_stacks += 1
+  life_lost = np.array([r.life_lost[0] for r in results])
+  game_over = np.array([r.terminated[0] for r in results])
+  ended = np.array([r.episode_ends[0] for r in results])
+  assert life_lost.sum() >= 4 and game_over.sum() >= 1 and restarted_stacks == life_lost.sum()
+  # Returns: one per game, each the sum of that game's unclipped rewards.
+  rewards = np.array([r.reward[0] for r in results])
+  bounds = np.flatnonzero(ended) + 1
+  games = [chunk.sum() for chunk in np.split(rewards, bounds)[:len(bounds)]]
+  assert phase.returns == games
+  # Replay: an episode boundary and a terminal at every lost life and game over.
+  replay = runner.agent.replay
+  stored = replay.add_count
+  assert stored == len(results)
+  store = replay._store  # pylint: disable=protected-access
+  np.testing.assert_array_equal(store['episode_end'][:stored, 0], life_lost | ended)
+  np.testing.assert_array_equal(store['terminal'][:stored, 0].astype(bool),
+                                life_lost | game_over)
+  runner.close()
+
+
+def _readme_metrics_keys():
+  readme = open(os.path.join(os.path.dirname(__file__), '..', 'README.md'),
+                encoding='utf-8').read()
+  start = readme.index('Every `metrics.jsonl` line holds')
+  paragraph = readme[start:readme.index('`moerl plot` reads only', start)]
+  return set(re.findall(r'`([a-z_]+)`', paragraph)) - {'metrics'}
+
+
+def test_every_metrics_line_holds_the_readme_keys_even_before_any_update():
+  keys = _readme_metrics_keys()
+  assert {'loss', 'td_loss', 'aux_loss', 'q_mean', 'num_params', 'variant'} <= keys
+  gin_config.load(['cartpole_dqn.gin'], [
+      'Runner.training_steps = 50', "Runner.schedule = 'continuous_train'",
+      'DQNAgent.min_replay_history = 1000'])  # no gradient step in this iteration
+  runner = Runner(None)
+  metrics = runner.run_iteration(0)
+  runner.close()
+  assert keys <= set(metrics), sorted(keys - set(metrics))
+  assert all(metrics[k] is None for k in ('loss', 'td_loss', 'aux_loss', 'q_mean'))
