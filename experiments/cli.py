@@ -4,9 +4,12 @@
   moerl eval   --base_dir D [--episodes N]
   moerl params --gin_files F [--gin_bindings B]... [--num_actions 18] [--json]
   moerl sweep  SPEC --out DIR [--workers N] [--backend local|ray] [--dry_run]
-               [--seeds_per_process]
-  moerl plot   DIR [--out OUT]
+               [--seeds_per_process] [--ray_address A] [--cpus_per_run C]
+               [--gpus_per_run G]
+  moerl plot   DIR [--out OUT] [--last_n N]
   moerl bench  [--networks] [--agent] [--envs] [--throughput] [--quick] [--json]
+  moerl experts --base_dir D [--keep 1,2,4] [--states N] [--episodes N] [--seed S]
+  moerl representation [--out DIR] [--steps N] [--seed S] [--experts 1,8]
 
 Exit codes: 0 success, 1 a run failed, 2 bad input (one line on stderr, no
 traceback, nothing on disk damaged), 130 interrupted.
@@ -15,6 +18,7 @@ traceback, nothing on disk damaged), 130 interrupted.
 import argparse
 import json
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -39,7 +43,19 @@ def _build_runner(base_dir, gin_files, gin_bindings, **kwargs):
   try:
     return Runner(base_dir, **kwargs)
   except (ValueError, TypeError) as e:
-    raise UsageError(f'bad config: {gin_config.first_line(e)}') from None
+    raise UsageError(f'bad config: {_config_error(e)}') from None
+
+
+def _config_error(error: BaseException) -> str:
+  """The error's first line, naming the innermost gin configurable that
+  raised it (gin appends "In call to configurable 'X'" lines) unless the
+  line already does."""
+  from experiments import gin_config  # pylint: disable=g-import-not-at-top
+  line = gin_config.first_line(error)
+  where = re.search(r"In call to configurable '([^']+)'", str(error))
+  if where and where.group(1) not in line:
+    return f'{line} (in {where.group(1)})'
+  return line
 
 
 def cmd_train(args) -> int:

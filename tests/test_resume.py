@@ -107,7 +107,6 @@ def test_sigkill_mid_iteration_then_resume(tmp_path):
     assert TRAINING_STEPS <= value - previous < TRAINING_STEPS + MAX_EPISODE
     previous = value
   assert taken == sorted(set(taken))  # strictly increasing
-  assert taken[-1] == sum(b - a for a, b in zip([0] + taken[:-1], taken))
 
   with open(os.path.join(base_dir, 'status.json'), encoding='utf-8') as f:
     status = json.load(f)

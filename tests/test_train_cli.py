@@ -267,8 +267,12 @@ def test_rerunning_a_finished_run_changes_no_results(cartpole_runs, tmp_path):
       'SoftMoE.num_experts = 0'], ['num_experts']),
     (['--gin_files', 'dqn_topk.gin', '--gin_bindings', 'TopKMoE.k = 9'],
      ['TopKMoE.k']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings', 'Runner.seed = -1'],
+     ['Runner.seed']),
+    (['--gin_files', 'cartpole_dqn_softmoe.gin', '--gin_bindings',
+      "SoftMoE.num_experts = 'x'"], ['SoftMoE']),
 ], ids=['unknown_game', 'unknown_parameter', 'missing_gin_file',
-        'zero_experts', 'k_above_experts'])
+        'zero_experts', 'k_above_experts', 'negative_seed', 'experts_not_a_number'])
 def test_bad_train_input_is_refused_without_writing(argv, fragments, tmp_path,
                                                     cartpole_runs):
   # A fresh base_dir is not even created ...
