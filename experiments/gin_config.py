@@ -9,7 +9,7 @@ in a file or binding is reported instead of silently ignored.
 import importlib.resources
 import logging
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import gin
 
@@ -35,15 +35,25 @@ def shipped_configs() -> List[str]:
                 if f.endswith('.gin'))
 
 
-def resolve_gin_file(name: str) -> str:
-  if os.path.isfile(name):
-    return name
-  packaged = os.path.join(packaged_config_dir(), name)
-  if os.path.isfile(packaged):
-    return packaged
+def resolve_gin_file(name: str, search_dir: Optional[str] = None) -> str:
+  """Returns the path of gin file `name`; GinConfigError if it is nowhere.
+
+  Looks, in order, at: `name` as given (`~` expanded; absolute, or relative
+  to the current directory); `search_dir/name` when `search_dir` is given
+  (`moerl sweep` passes the spec file's folder; `moerl train` passes none);
+  the shipped config `configs/name`. Returns the first file found, as joined
+  (not made absolute).
+  """
+  name = os.path.expanduser(name)
+  folders = ['', *([search_dir] if search_dir else []), packaged_config_dir()]
+  candidates = list(dict.fromkeys(os.path.join(d, name) for d in folders))
+  for path in candidates:
+    if os.path.isfile(path):
+      return path
+  looked = ', '.join(os.path.dirname(os.path.abspath(c)) for c in candidates)
   raise GinConfigError(
-      f"gin file '{name}' not found: pass a path, or one of the shipped "
-      f"configs ({', '.join(shipped_configs())}).")
+      f"gin file '{name}' not found (looked in {looked}): pass a path, or one "
+      f"of the shipped configs ({', '.join(shipped_configs())}).")
 
 
 def first_line(error: BaseException) -> str:

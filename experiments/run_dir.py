@@ -214,13 +214,28 @@ class RunDir:
     })
 
   def read_status(self) -> dict | None:
-    """Returns the parsed status.json, or None if there is none yet."""
-    try:
-      with open(self.status_path, encoding="utf-8") as f:
-        return json.load(f)
-    except FileNotFoundError:
-      return None
-    except (OSError, ValueError) as e:
-      raise RunDirError(
-          f"{self.status_path} cannot be read ({e}); "
-          "delete it (it is rewritten on the next start).") from None
+    """Returns the parsed status.json (see ``read_status``)."""
+    return read_status(self.base_dir)
+
+
+def read_status(base_dir: str | os.PathLike) -> dict | None:
+  """Returns the parsed ``base_dir/status.json``, or None if there is none yet.
+
+  Raises RunDirError when the file exists but cannot be read or is not a JSON
+  object; callers that treat such a run as unfinished catch it.
+  """
+  path = os.path.join(os.fspath(base_dir), STATUS_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      status = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    raise RunDirError(
+        f"{path} cannot be read ({e}); "
+        "delete it (it is rewritten on the next start).") from None
+  if not isinstance(status, dict):
+    raise RunDirError(
+        f"{path} holds {type(status).__name__}, not a JSON object; "
+        "delete it (it is rewritten on the next start).")
+  return status

@@ -24,16 +24,20 @@ Sweep spec (TOML)
     [[variants]]                              # optional named alternatives
     name = "dense"                            # required, unique
     gin_files = ["dqn.gin"]                   # optional: REPLACES the top-level gin_files
-    bindings = ["DenseBlock.width_scale = 2"] # optional: APPENDED to the top-level bindings
+    bindings = ["DensePenultimate.width_scale = 2"]  # optional: APPENDED to top-level bindings
     [variants.grid]                           # optional: axes only this variant sweeps,
-    "DenseBlock.width_scale" = [1, 2, 4]      # multiplied with the top-level axes
+    "DensePenultimate.width_scale" = [1, 2, 4]   # multiplied with the top-level axes
     # [[variants.zip]] works the same way
 
 Number of runs = product(grid lengths) x product(zip lengths) x games x seeds, summed over
-variants (each with its own extra axes). A key may appear in only one axis table.
+variants (each with its own extra axes). A key may appear in only one axis table. Seeds
+must be non-negative integers. Games bound through the default ``game_binding`` are checked
+against ale-py's Atari games (``environments.atari_game_name``) when the spec is loaded;
+other game names (e.g. gym's) are only checked when their run starts.
 
 Gin files are looked up, in order, as: an absolute path; a path relative to the current
-directory; relative to the spec file's directory; a name in the packaged ``configs/`` dir.
+directory; relative to the spec file's directory; a name in the packaged ``configs/`` dir
+(``gin_config.resolve_gin_file`` with the spec's directory as its extra folder).
 They are resolved to absolute paths when the spec is loaded (missing file -> SweepError).
 
 Axis values become gin literals: strings are quoted (``'Pong'``) except those starting with
@@ -56,8 +60,10 @@ subprocess stdout+stderr are appended to ``out_dir/<name>/sweep.log``. A run is 
 its ``status.json`` says ``"done"``; any other run is (re)started, and ``moerl train`` resumes
 from its checkpoint. ``run_sweep`` refuses an ``out_dir`` whose manifest belongs to a
 different sweep (another ``name``, or a run of the same name with other gin files or
-bindings), and a non-empty ``out_dir`` without a manifest. Adding seeds or axis values to a
-sweep and rerunning into the same ``out_dir`` is allowed and runs only the new runs.
+bindings), and a non-empty ``out_dir`` without a manifest. These checks and those of the spec,
+bindings, options and ``--seeds_per_process`` grouping run before anything is printed or
+written, in a dry run too. Adding seeds or axis values to a sweep and rerunning into the same
+``out_dir`` is allowed and runs only the new runs.
 
 Backends
 --------
@@ -72,7 +78,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
-import importlib.resources
 import itertools
 import json
 import math
@@ -88,7 +93,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
-from experiments.run_dir import SWEEP_LOG
+from experiments.run_dir import SWEEP_LOG, RunDirError, atomic_write_json
+from experiments.run_dir import read_status as read_run_status
 
 
 class SweepError(ValueError):
@@ -183,7 +189,8 @@ def group_seeds(spec: "SweepSpec", runs: Sequence[RunSpec]) -> list[Job]:
 
     Needs run names ending in ``/seed{seed}`` (the default template does) and the
     seed bound through ``Runner.seed``: ``moerl train --num_seeds S`` writes seed k to
-    ``<base_dir>/seed<k>``, exactly where the lone run would have gone.
+    ``<base_dir>/seed<k>``, exactly where the lone run would have gone. Raises
+    SweepError when a run cannot be grouped so.
     """
     if spec.seed_binding != DEFAULT_SEED_BINDING:
         raise SweepError(f"--seeds_per_process needs seeds bound through "
@@ -309,19 +316,45 @@ def _check_zips(value: Any, where: str, path: str) -> tuple[dict[str, list], ...
 
 
 def _resolve_gin_file(name: str, spec_dir: Path, path: str) -> str:
-    p = Path(name).expanduser()
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p, spec_dir / p]
-    if not p.is_absolute():
+    """``gin_config.resolve_gin_file`` that also looks in the spec's folder; absolute."""
+    from experiments import gin_config  # registers every configurable: slow, so lazy
+    try:
+        return str(Path(gin_config.resolve_gin_file(name, str(spec_dir))).resolve())
+    except gin_config.GinConfigError as e:
+        raise SweepError(f"{_where(path)}: {e}") from None
+
+
+def _check_seeds(raw: Any, path: str) -> tuple[int, ...]:
+    if (not isinstance(raw, list) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                             for s in raw)):
+        raise SweepError(f"{_where(path)}: 'seeds' must be a list of integers; write it as "
+                         f"seeds = [0, 1, 2]")
+    if not raw:
+        raise SweepError(f"{_where(path)}: 'seeds' is an empty list, which gives zero runs; "
+                         f"give at least one seed or remove the key")
+    if min(raw) < 0:
+        raise SweepError(f"{_where(path)}: 'seeds' holds {min(raw)}, but seeds must be "
+                         f"non-negative; use seeds such as [0, 1, 2]")
+    if len(set(raw)) != len(raw):
+        raise SweepError(f"{_where(path)}: 'seeds' has duplicates; list each seed once")
+    return tuple(raw)
+
+
+def _check_games(games: tuple[str, ...] | None, game_binding: str, path: str) -> None:
+    """Refuses unknown Atari games, which every run would otherwise fail on.
+
+    Only games bound through ``create_atari_environment`` are Atari games; gym names
+    (``create_gym_environment``) and custom bindings have no cheap check and fail in
+    their run.
+    """
+    if games is None or game_binding.rpartition("/")[2] != DEFAULT_GAME_BINDING:
+        return
+    from experiments.environments import atari_game_name  # imports ale-py: lazy
+    for game in games:
         try:
-            candidates.append(Path(str(importlib.resources.files("configs") / name)))
-        except (ModuleNotFoundError, TypeError):
-            pass
-    for c in candidates:
-        if c.is_file():
-            return str(c.resolve())
-    raise SweepError(f"{_where(path)}: gin file {name!r} was not found (looked in "
-                     f"{', '.join(str(c.parent) for c in candidates)}); fix the name or give "
-                     f"a path")
+            atari_game_name(game)
+        except ValueError as e:
+            raise SweepError(f"{_where(path)}: {e}; fix 'games'") from None
 
 
 def _axis_keys(grid: dict, zips: Iterable[dict]) -> list[str]:
@@ -366,19 +399,7 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     games = None
     if "games" in data:
         games = _str_list(data["games"], "games", path, allow_empty=False)
-    seeds = None
-    if "seeds" in data:
-        raw = data["seeds"]
-        if (not isinstance(raw, list) or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                 for s in raw)):
-            raise SweepError(f"{_where(path)}: 'seeds' must be a list of integers; write it as "
-                             f"seeds = [0, 1, 2]")
-        if not raw:
-            raise SweepError(f"{_where(path)}: 'seeds' is an empty list, which gives zero runs; "
-                             f"give at least one seed or remove the key")
-        if len(set(raw)) != len(raw):
-            raise SweepError(f"{_where(path)}: 'seeds' has duplicates; list each seed once")
-        seeds = tuple(raw)
+    seeds = _check_seeds(data["seeds"], path) if "seeds" in data else None
     if games is not None and len(set(games)) != len(games):
         raise SweepError(f"{_where(path)}: 'games' has duplicates; list each game once")
 
@@ -389,6 +410,7 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
             raise SweepError(f"{_where(path)}: '{key}' must be a gin binding target such as "
                              f"\"Runner.seed\"; fix its value")
         targets[key] = value
+    _check_games(games, targets["game_binding"] or DEFAULT_GAME_BINDING, path)
     template = data.get("name_template")
     if template is not None and (not isinstance(template, str) or not template.strip()):
         raise SweepError(f"{_where(path)}: 'name_template' must be a non-empty string such as "
@@ -639,14 +661,13 @@ def _validate_bindings(spec: SweepSpec, runs: list[RunSpec],
 # --------------------------------------------------------------------------- execution
 
 
-def read_status(run_dir: str | os.PathLike) -> dict | None:
-    """Return the parsed ``status.json`` of a run dir, or None if absent/unreadable."""
+def _read_status(run_dir: Path) -> dict:
+    """A run's ``status.json``, or {} when it has none or it cannot be read (such a run
+    counts as unfinished and is restarted, which rewrites the file)."""
     try:
-        with open(Path(run_dir) / "status.json", encoding="utf-8") as fh:
-            status = json.load(fh)
-        return status if isinstance(status, dict) else None
-    except (OSError, ValueError):
-        return None
+        return read_run_status(run_dir) or {}
+    except RunDirError:
+        return {}
 
 
 def _last_log_line(log_path: Path) -> str | None:
@@ -667,13 +688,13 @@ def _last_log_line(log_path: Path) -> str | None:
 def _failure_reason(run_dir: Path, returncode: int | None, error: str | None) -> str:
     if error:
         return error
-    status = read_status(run_dir)
+    status = _read_status(run_dir)
     last = _last_log_line(run_dir / SWEEP_LOG)
     if last:
         reason = last
-    elif status and status.get("error"):
+    elif status.get("error"):
         reason = str(status["error"]).strip().splitlines()[-1]
-    elif status and status.get("state") not in (None, "done"):
+    elif status.get("state") not in (None, "done"):
         reason = f"status.json says {status.get('state')!r}"
     else:
         reason = "no output"
@@ -791,7 +812,8 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _print_plan(spec: SweepSpec, runs: list[RunSpec], out_dir: Path, stream: TextIO) -> None:
+def _print_plan(spec: SweepSpec, runs: list[RunSpec], states: dict[str, str | None],
+                out_dir: Path, stream: TextIO) -> None:
     common = [b for b in runs[0].bindings if all(b in r.bindings for r in runs)]
     print(f"sweep {spec.name!r}: {len(runs)} run(s) into {out_dir} (dry run: nothing is "
           f"run or written)", file=stream)
@@ -801,51 +823,80 @@ def _print_plan(spec: SweepSpec, runs: list[RunSpec], out_dir: Path, stream: Tex
         print("bindings common to all runs: " + "; ".join(common), file=stream)
     rows = []
     for r in runs:
-        status = read_status(out_dir / r.name) or {}
-        state = "done (skip)" if status.get("state") == "done" else (
-            str(status.get("state")) if status else "new")
+        state = states[r.name]
+        state = "done (skip)" if state == "done" else str(state or "new")
         own = [b for b in r.bindings if b not in common]
         gin = ",".join(Path(f).name for f in r.gin_files)
         rows.append([r.name, state, gin, "; ".join(own) or "-"])
     print(_table(rows, ["run", "state", "gin files", "bindings"]), file=stream, flush=True)
 
 
-def _prepare_out_dir(spec: SweepSpec, runs: list[RunSpec], out_dir: Path) -> None:
+def _check_out_dir(spec: SweepSpec, runs: list[RunSpec], out_dir: Path) -> str | None:
+    """Refuses an out_dir holding something else, without writing; returns the
+    ``created`` time of its manifest (None for a new out_dir)."""
     manifest_path = out_dir / "manifest.json"
-    created = None
-    if manifest_path.exists():
-        try:
-            old = json.loads(manifest_path.read_text(encoding="utf-8"))
-            old_name = old["sweep"]
-            old_runs = {r["name"]: r for r in old["runs"]}
-        except (OSError, ValueError, KeyError, TypeError):
-            raise SweepError(f"{manifest_path} is unreadable or not a sweep manifest; choose "
-                             f"another out_dir or remove that file") from None
-        if old_name != spec.name:
-            raise SweepError(f"{out_dir} holds sweep {old_name!r}, not {spec.name!r}; choose "
-                             f"another out_dir")
-        for r in runs:
-            o = old_runs.get(r.name)
-            if o is not None and (list(o.get("gin_files", [])) != list(r.gin_files)
-                                  or list(o.get("bindings", [])) != list(r.bindings)):
-                raise SweepError(f"{out_dir} holds run {r.name!r} of sweep {spec.name!r} with "
-                                 f"other gin files or bindings; choose another out_dir or "
-                                 f"restore the spec")
-        created = old.get("created")
-    elif out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise SweepError(f"{out_dir} is not empty and holds no sweep manifest.json; choose an "
-                         f"empty or new out_dir")
+    if not manifest_path.exists():
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            raise SweepError(f"{out_dir} is not empty and holds no sweep manifest.json; "
+                             f"choose an empty or new out_dir")
+        return None
+    try:
+        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        old_name = old["sweep"]
+        old_runs = {r["name"]: r for r in old["runs"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SweepError(f"{manifest_path} is unreadable or not a sweep manifest; choose "
+                         f"another out_dir or remove that file") from None
+    if old_name != spec.name:
+        raise SweepError(f"{out_dir} holds sweep {old_name!r}, not {spec.name!r}; choose "
+                         f"another out_dir")
+    for r in runs:
+        o = old_runs.get(r.name)
+        if o is not None and (list(o.get("gin_files", [])) != list(r.gin_files)
+                              or list(o.get("bindings", [])) != list(r.bindings)):
+            raise SweepError(f"{out_dir} holds run {r.name!r} of sweep {spec.name!r} with "
+                             f"other gin files or bindings; choose another out_dir or "
+                             f"restore the spec")
+    return old.get("created")
+
+
+def _write_manifest(spec: SweepSpec, runs: list[RunSpec], out_dir: Path,
+                    created: str | None) -> None:
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    manifest = {"sweep": spec.name, "spec_path": spec.path, "created": created or now,
+                "updated": now, "runs": [r.to_dict() for r in runs]}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        manifest = {"sweep": spec.name, "spec_path": spec.path, "created": created or now,
-                    "updated": now, "runs": [r.to_dict() for r in runs]}
-        tmp = manifest_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, manifest_path)
+        atomic_write_json(str(out_dir / "manifest.json"), manifest)
     except OSError as e:
         raise SweepError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose a writable "
                          f"directory") from None
+
+
+def _check_options(backend: str, workers: int, cpus_per_run: float, gpus_per_run: float,
+                   command_prefix: Sequence[str]) -> None:
+    if backend not in ("local", "ray"):
+        raise SweepError(f"unknown sweep backend {backend!r}; use 'local' or 'ray'")
+    if not isinstance(workers, int) or workers < 1:
+        raise SweepError(f"workers must be a positive integer, got {workers!r}; pass "
+                         f"--workers 1 or more")
+    if cpus_per_run < 0 or gpus_per_run < 0:
+        raise SweepError("cpus_per_run and gpus_per_run must be >= 0; fix the resource "
+                         "request")
+    if not command_prefix:
+        raise SweepError("command_prefix is empty; pass the trainer command, e.g. "
+                         "('moerl', 'train')")
+
+
+def _plan_jobs(spec: SweepSpec, runs: list[RunSpec], todo: list[RunSpec],
+               seeds_per_process: bool) -> list[Job]:
+    """The jobs that run ``todo``. With ``seeds_per_process`` every run of the sweep,
+    finished or not, must group (``group_seeds``), so a rerun refuses what a first run
+    refuses."""
+    if not seeds_per_process:
+        return [Job(r, (r,)) for r in todo]
+    group_seeds(spec, runs)
+    return group_seeds(spec, todo)
 
 
 def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, workers: int = 1,
@@ -859,43 +910,32 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
 
     With ``seeds_per_process``, consecutive seeds of one run share a process
     (``moerl train --num_seeds``; see ``group_seeds``). See the module docstring for
-    the output layout and backends. Raises SweepError for bad
-    input before any run starts; a failing run is recorded in ``SweepResult.failed`` and does
-    not stop the others.
+    the output layout and backends. Raises SweepError for bad input (spec, options,
+    out_dir, job grouping) before anything is printed or written, in a dry run too; a
+    failing run is recorded in ``SweepResult.failed`` and does not stop the others.
     """
     stream = sys.stderr if stream is None else stream
-    if backend not in ("local", "ray"):
-        raise SweepError(f"unknown sweep backend {backend!r}; use 'local' or 'ray'")
-    if not isinstance(workers, int) or workers < 1:
-        raise SweepError(f"workers must be a positive integer, got {workers!r}; pass "
-                         f"--workers 1 or more")
-    if cpus_per_run < 0 or gpus_per_run < 0:
-        raise SweepError("cpus_per_run and gpus_per_run must be >= 0; fix the resource "
-                         "request")
-    if not command_prefix:
-        raise SweepError("command_prefix is empty; pass the trainer command, e.g. "
-                         "('moerl', 'train')")
+    _check_options(backend, workers, cpus_per_run, gpus_per_run, command_prefix)
     spec = load_spec(spec_path)
     runs = expand(spec, validate_binding=validate_binding)
     out = Path(out_dir).expanduser().resolve()
+    created = _check_out_dir(spec, runs, out)
+    states = {r.name: _read_status(out / r.name).get("state") for r in runs}
+    todo = [r for r in runs if states[r.name] != "done"]
+    jobs = _plan_jobs(spec, runs, todo, seeds_per_process)
     result = SweepResult(out_dir=str(out), runs=runs, dry_run=dry_run)
 
     if dry_run:
-        _print_plan(spec, runs, out, stream)
+        _print_plan(spec, runs, states, out, stream)
         return result
 
     if backend == "local" and shutil.which(command_prefix[0]) is None:
         raise SweepError(f"command {command_prefix[0]!r} was not found on PATH; install moerl "
                          f"(pip install -e .) or fix the command")
-    _prepare_out_dir(spec, runs, out)
-
-    todo: list[RunSpec] = []
-    for r in runs:
-        if (read_status(out / r.name) or {}).get("state") == "done":
-            result.skipped.append(RunOutcome(r.name, "skipped", 0.0, "already done",
-                                             None, str(out / r.name)))
-        else:
-            todo.append(r)
+    _write_manifest(spec, runs, out, created)
+    result.skipped = [RunOutcome(r.name, "skipped", 0.0, "already done", None,
+                                 str(out / r.name))
+                      for r in runs if states[r.name] == "done"]
     start = time.monotonic()
     print(f"sweep {spec.name!r}: {len(runs)} run(s), {len(result.skipped)} already done, "
           f"{len(todo)} to run with {backend} backend into {out}", file=stream, flush=True)
@@ -903,7 +943,7 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
 
     def record(r: RunSpec, rc: int | None, seconds: float, error: str | None) -> None:
         run_dir = out / r.name
-        status = read_status(run_dir) or {}
+        status = _read_status(run_dir)
         if rc == 0 and error is None and status.get("state") != "failed":
             outcome = RunOutcome(r.name, "done", seconds, None, rc, str(run_dir))
             result.done.append(outcome)
@@ -912,9 +952,6 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
                                  _failure_reason(run_dir, rc, error), rc, str(run_dir))
             result.failed.append(outcome)
         progress.finished(outcome)
-
-    jobs = (group_seeds(spec, todo) if seeds_per_process
-            else [Job(r, (r,)) for r in todo])
 
     def record_job(job: Job, rc: int | None, seconds: float, error: str | None) -> None:
         for member in job.members:

@@ -127,3 +127,41 @@ def test_seeds_per_process(tmp_path):
   for run in _runs(out):
     metrics = read_metrics(os.path.join(out, run, 'metrics.jsonl'))
     assert [m['seed'] for m in metrics] == [int(run[-1])] * 2
+
+
+def _files(root):
+  return {os.path.relpath(os.path.join(d, f), root):
+          (open(os.path.join(d, f), 'rb').read(),
+           os.stat(os.path.join(d, f)).st_mtime_ns)
+          for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.mark.parametrize('text,flags,fragment', [
+    (None, ['--seeds_per_process'], "needs run names ending in '/seed{seed}'"),
+    ('name = "x"\ngin_files = ["dqn.gin"]\ngames = ["NotAGame"]\n', [],
+     "unknown Atari game 'NotAGame'"),
+    ('name = "x"\ngin_files = ["dqn.gin"]\nseeds = [-1]\n', [],
+     'seeds must be non-negative'),
+], ids=['ungroupable_seeds', 'unknown_game', 'negative_seed'])
+@pytest.mark.parametrize('dry_run', [[], ['--dry_run']], ids=['run', 'dry_run'])
+def test_bad_sweep_is_refused_on_one_line_without_writing(tmp_path, capsys, text,
+                                                          flags, fragment, dry_run):
+  if text is None:
+    spec = _write_spec(tmp_path, template='e{num_experts}-s{seed}')
+  else:
+    spec = str(tmp_path / 'spec.toml')
+    with open(spec, 'w') as f:
+      f.write(text)
+  fresh, existing = str(tmp_path / 'fresh'), str(tmp_path / 'existing')
+  os.makedirs(existing)
+  with open(os.path.join(existing, 'manifest.json'), 'w') as f:
+    json.dump({'sweep': 'tiny' if text is None else 'x', 'runs': []}, f)
+  before = _files(existing)
+  for out in (fresh, existing):
+    capsys.readouterr()
+    assert cli.main(['sweep', spec, '--out', out, *flags, *dry_run]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    assert captured.err.startswith('moerl: error:') and fragment in captured.err
+    assert captured.err.count('\n') == 1
+  assert not os.path.exists(fresh) and _files(existing) == before

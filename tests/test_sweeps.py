@@ -6,12 +6,15 @@ Execution tests use a tiny fake trainer script (written into tmp_path) in place 
 
 import io
 import json
+import os
 import sys
 import textwrap
+import tomllib
 
 import pytest
 
-from experiments import sweeps
+from experiments import gin_config, sweeps
+from experiments.run_dir import RunDir, RunDirError
 from experiments.sweeps import SweepError, expand, gin_literal, load_spec, run_sweep
 
 FAKE_TRAINER = textwrap.dedent('''
@@ -62,6 +65,12 @@ def fake_trainer(tmp_path):
 def invocations(run_dir):
     path = run_dir / "invocations.txt"
     return path.read_text().splitlines() if path.exists() else []
+
+
+def snapshot(root):
+    """Every file under root with its bytes and mtime: equal snapshots mean untouched."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 FULL_SPEC = """
@@ -170,17 +179,48 @@ def test_variant_axes_and_variant_binding(gin_dir):
         [[variants]]
         name = "dense"
         [variants.grid]
-        "DenseBlock.width_scale" = [1, 2, 4]
+        "DensePenultimate.width_scale" = [1, 2, 4]
         [[variants]]
         name = "softmoe"
         [variants.grid]
         "SoftMoE.num_experts" = [1, 2, 4, 8]
     """))
-    runs = expand(spec)
+    runs = expand(spec, validate_binding=gin_config.validate_binding)
     assert len(runs) == 7
     assert runs[0].name == "dense/width_scale=1/seed0"
     assert "Runner.variant = 'dense'" in runs[0].bindings
     assert "Runner.variant = 'softmoe'" in runs[-1].bindings
+
+
+def docstring_example():
+    """The spec example in the module docstring, parsed."""
+    block = sweeps.__doc__.split("::\n", 1)[1].split("\nNumber of runs", 1)[0]
+    return tomllib.loads(textwrap.dedent(block))
+
+
+def test_docstring_example_names_real_gin_parameters(tmp_path):
+    # Its axis tables are illustrations that do not combine into one sweep, so every
+    # target it names is bound once in a spec of its own, dry-run with gin validation.
+    example = docstring_example()
+    (variant,) = example["variants"]
+    axes = {**example["grid"], **variant["grid"]}
+    for table in example["zip"]:
+        axes.update(table)
+    bindings = [*example["bindings"], *variant["bindings"],
+                *(f"{k} = {gin_literal(v[0])}" for k, v in axes.items()),
+                f"{example['variant_binding']} = {gin_literal(variant['name'])}"]
+    assert "DensePenultimate.width_scale = 1" in bindings
+    fields = {k: example[k] for k in ("games", "seeds", "game_binding", "seed_binding")}
+    path = tmp_path / "example.toml"
+    path.write_text("\n".join(
+        [f"name = {json.dumps(example['name'])}",
+         f"gin_files = {json.dumps(example['gin_files'] + variant['gin_files'])}",
+         f"bindings = {json.dumps(bindings)}",
+         *(f"{k} = {json.dumps(v)}" for k, v in fields.items())]) + "\n")
+    result = run_sweep(path, tmp_path / "out", dry_run=True, stream=io.StringIO(),
+                       validate_binding=gin_config.validate_binding)
+    assert len(result.runs) == len(example["games"]) * len(example["seeds"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_validate_binding_called_on_every_distinct_binding(gin_dir):
@@ -202,13 +242,18 @@ def test_validate_binding_called_on_every_distinct_binding(gin_dir):
     ('name = "x"\ngin_files = ["a.gin"]\nseeds = []\n', "zero runs"),
     ('name = "x"\ngin_files = ["a.gin"]\n[[zip]]\n"A.b" = [1, 2]\n"A.c" = [1]\n',
      "unequal lengths"),
-    ('name = "x"\ngin_files = ["missing.gin"]\n', "was not found"),
+    ('name = "x"\ngin_files = ["missing.gin"]\n', "'missing.gin' not found"),
     ('gin_files = ["a.gin"]\n', "'name' is missing"),
     ('name = "x"\ngin_files = ["a.gin"]\nname_template = "{nope}"\n', "unknown field {nope}"),
     ('name = "x"\ngin_files = ["a.gin"]\nname_template = "same"\nseeds = [0, 1]\n',
      "more than one run"),
     ('name = "x"\ngin_files = ["a.gin"]\n[grid]\n"A.b" = [1]\n[[zip]]\n"A.b" = [2]\n',
      "more than one axis table"),
+    ('name = "x"\ngin_files = ["a.gin"]\nseeds = [0, -1]\n', "holds -1, but seeds must be"),
+    ('name = "x"\ngin_files = ["a.gin"]\ngames = ["Pong", "NotAGame"]\n',
+     "unknown Atari game 'NotAGame'"),
+    ('name = "x"\ngin_files = ["a.gin"]\ngames = ["Pongg"]\n'
+     'game_binding = "train/create_atari_environment.game_name"\n', "did you mean 'pong'"),
 ])
 def test_bad_specs_raise_sweep_error(gin_dir, text, fragment):
     path = gin_dir / "bad.toml"
@@ -290,6 +335,106 @@ def test_missing_command_is_a_sweep_error(gin_dir, tmp_path):
     with pytest.raises(SweepError, match="not found on PATH"):
         run_sweep(path, tmp_path / "out", command_prefix=("no-such-moerl-binary", "train"),
                   stream=io.StringIO())
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('games = ["NotAGame"]', "unknown Atari game 'NotAGame'"),
+    ("seeds = [-1]", "seeds must be non-negative"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_bad_game_or_seed_refused_up_front(gin_dir, fake_trainer, tmp_path, line, fragment,
+                                           dry_run):
+    path = write(gin_dir / "s.toml", f'name = "x"\ngin_files = ["a.gin"]\n{line}\n')
+    stream = io.StringIO()
+    with pytest.raises(SweepError, match=fragment):
+        run_sweep(path, tmp_path / "out", dry_run=dry_run, command_prefix=fake_trainer,
+                  stream=stream)
+    assert stream.getvalue() == "" and not (tmp_path / "out").exists()
+
+
+def test_gym_and_custom_game_bindings_are_not_checked_as_atari(gin_dir):
+    for binding in ("create_gym_environment.environment_name", "Env.game"):
+        path = write(gin_dir / "s.toml", f'name = "x"\ngin_files = ["a.gin"]\n'
+                                         f'games = ["CartPole"]\ngame_binding = "{binding}"\n')
+        assert [r.game for r in expand(load_spec(path))] == ["CartPole"]
+
+
+def test_ungroupable_seeds_refused_before_anything_is_printed_or_written(
+        gin_dir, fake_trainer, tmp_path):
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0, 1]\n'
+                                     'name_template = "s{seed}"\n')
+    out = tmp_path / "out"
+    for dry_run in (True, False):
+        stream = io.StringIO()
+        with pytest.raises(SweepError, match="needs run names ending in '/seed"):
+            run_sweep(path, out, dry_run=dry_run, seeds_per_process=True,
+                      command_prefix=fake_trainer, stream=stream)
+        assert stream.getvalue() == "" and not out.exists()
+    # An existing out dir is left untouched, even when every run in it is done.
+    assert run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO()).ok
+    before = snapshot(out)
+    with pytest.raises(SweepError, match="needs run names ending in '/seed"):
+        run_sweep(path, out, seeds_per_process=True, command_prefix=fake_trainer,
+                  stream=io.StringIO())
+    assert snapshot(out) == before
+
+
+def test_dry_run_refuses_a_foreign_out_dir(gin_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
+    with pytest.raises(SweepError, match="not empty"):
+        run_sweep(path, out, dry_run=True, stream=io.StringIO())
+    assert snapshot(out) == {"notes.txt": (b"mine", (out / "notes.txt").stat().st_mtime_ns)}
+
+
+def test_failed_manifest_write_leaves_no_partial_file(gin_dir, fake_trainer, tmp_path,
+                                                      monkeypatch):
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0]\n')
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(SweepError, match="cannot write to out_dir"):
+        run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
+    assert list(out.iterdir()) == []
+
+
+def test_gin_file_search_order(gin_dir, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "a.gin").write_text("# cwd copy\n")
+    (gin_dir / "dqn.gin").write_text("# spec-folder copy\n")
+    monkeypatch.chdir(cwd)
+    # moerl train: as given (the current directory), then the shipped configs.
+    assert gin_config.resolve_gin_file("a.gin") == "a.gin"
+    shipped = os.path.join(gin_config.packaged_config_dir(), "dqn.gin")
+    assert gin_config.resolve_gin_file("dqn.gin") == shipped
+    # moerl sweep: the spec's folder comes between the two.
+    assert gin_config.resolve_gin_file("dqn.gin", str(gin_dir)) == str(gin_dir / "dqn.gin")
+    spec = load_spec(write(gin_dir / "s.toml", 'name = "x"\n'
+                           'gin_files = ["a.gin", "dqn.gin", "b.gin", "rainbow.gin"]\n'))
+    assert spec.gin_files == (str(cwd / "a.gin"), str(gin_dir / "dqn.gin"),
+                              str(gin_dir / "b.gin"),
+                              os.path.realpath(os.path.join(gin_config.packaged_config_dir(),
+                                                            "rainbow.gin")))
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_unreadable_status_means_unfinished(gin_dir, fake_trainer, tmp_path, text):
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0]\n'
+                                     'name_template = "r{seed}"\n')
+    out = tmp_path / "out"
+    assert run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO()).ok
+    (out / "r0" / "status.json").write_text(text)
+    with pytest.raises(RunDirError, match="status.json"):  # what `moerl train` sees
+        RunDir(str(out / "r0")).read_status()
+    result = run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
+    assert [o.name for o in result.done] == ["r0"] and len(invocations(out / "r0")) == 2
 
 
 # --------------------------------------------------------------------------- execution
