@@ -60,7 +60,6 @@ def _config_error(error: BaseException) -> str:
 
 def cmd_train(args) -> int:
   import gin  # pylint: disable=g-import-not-at-top
-  from experiments.run_dir import RunDirError  # pylint: disable=g-import-not-at-top
   if not args.gin_files:
     raise UsageError('--gin_files is required: name a config such as '
                      'dqn_softmoe.gin or a path to a .gin file.')
@@ -69,22 +68,28 @@ def cmd_train(args) -> int:
   if args.num_seeds > 1:
     return _train_seeds(args)
   runner = _build_runner(args.base_dir, args.gin_files, args.gin_bindings)
-  try:
-    runner.run_experiment(gin.operative_config_str())
-  except RunDirError as e:
-    raise UsageError(str(e)) from None
-  finally:
-    runner.close()
+  _run_experiment(runner, gin.operative_config_str())
   print(f'done: metrics in {os.path.join(args.base_dir, "metrics.jsonl")}; '
         f'view with: tensorboard --logdir {args.base_dir}', file=sys.stderr)
   return EXIT_OK
+
+
+def _run_experiment(experiment, configs) -> None:
+  """Runs a Runner's or SeedGroup's experiment, then closes it; a run
+  directory that refuses the config is bad input."""
+  from experiments.run_dir import RunDirError  # pylint: disable=g-import-not-at-top
+  try:
+    experiment.run_experiment(configs)
+  except RunDirError as e:
+    raise UsageError(str(e)) from None
+  finally:
+    experiment.close()
 
 
 def _train_seeds(args) -> int:
   """--num_seeds S: seeds k..k+S-1 (k = Runner.seed) in <base_dir>/seed<k>."""
   import gin  # pylint: disable=g-import-not-at-top
   from experiments import gin_config  # pylint: disable=g-import-not-at-top
-  from experiments.run_dir import RunDirError  # pylint: disable=g-import-not-at-top
   from experiments.seed_group import SeedGroup  # pylint: disable=g-import-not-at-top
   gin_config.load(args.gin_files, args.gin_bindings)
   try:
@@ -97,13 +102,7 @@ def _train_seeds(args) -> int:
     runners.append(_build_runner(base_dir, args.gin_files,
                                  args.gin_bindings + [f'Runner.seed = {seed}']))
     configs.append(gin.operative_config_str())
-  group = SeedGroup(runners)
-  try:
-    group.run_experiment(configs)
-  except RunDirError as e:
-    raise UsageError(str(e)) from None
-  finally:
-    group.close()
+  _run_experiment(SeedGroup(runners), configs)
   print(f'done: {args.num_seeds} seeds in {args.base_dir}/seed*; view with: '
         f'tensorboard --logdir {args.base_dir}', file=sys.stderr)
   return EXIT_OK
