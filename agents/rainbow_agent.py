@@ -6,8 +6,10 @@ the cross-entropy to the projected n-step target distribution; the replay is
 prioritized (priority sqrt(loss + 1e-10), importance weights 1/sqrt(p)
 normalised by their max); the bootstrap action is chosen by the online
 network (double DQN). Each component is a switch. With `noisy`, exploration
-comes from the noise and epsilon stays at `epsilon_train` (Dopamine's
-identity epsilon); noise is off in evaluation.
+comes from the noise alone: epsilon is 0 while training (Dopamine's
+`zero_epsilon`) and `epsilon_eval` in evaluation, where the noise is off.
+Without `distributional`, the TD loss defaults to Huber (Dopamine's full
+Rainbow `mse_loss=False`).
 """
 
 from typing import Any, Dict
@@ -28,13 +30,13 @@ class RainbowAgent(DQNAgent):
                distributional: bool = True, dueling: bool = True,
                noisy: bool = True, double_dqn: bool = True,
                replay_scheme: str = 'prioritized', update_horizon: int = 3,
-               **kwargs):
+               loss_type: str = 'huber', **kwargs):
     self.num_atoms = num_atoms if distributional else 1
     self.v_min, self.v_max = v_min, v_max
     self.distributional, self.dueling, self.noisy = distributional, dueling, noisy
     super().__init__(num_actions, observation_shape, *args,
                      double_dqn=double_dqn, replay_scheme=replay_scheme,
-                     update_horizon=update_horizon, **kwargs)
+                     update_horizon=update_horizon, loss_type=loss_type, **kwargs)
 
   def _network_kwargs(self) -> Dict[str, Any]:
     return dict(num_atoms=self.num_atoms, v_min=self.v_min, v_max=self.v_max,
@@ -42,7 +44,7 @@ class RainbowAgent(DQNAgent):
 
   def epsilon(self) -> float:
     if self.noisy and not self.eval_mode:
-      return self.epsilon_train
+      return 0.0
     return super().epsilon()
 
   def _td_loss(self, loss_fn, out_tm1, target_t, online_t, batch):

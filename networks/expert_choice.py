@@ -38,7 +38,8 @@ class ExpertChoiceMoE(nn.Module):
                math.ceil(self.capacity_factor * num_tokens / self.num_experts))
 
   @nn.compact
-  def __call__(self, tokens, *, deterministic: bool = True, expert_mask=None):
+  def __call__(self, tokens, *, deterministic: bool = True, expert_mask=None,
+               noisy: bool = False):
     b, t, _ = tokens.shape  # [B, T, d]
     e, c = self.num_experts, self.capacity(t)
     _, probs = router_probabilities(self, tokens, e, self.router_noise_std,
@@ -47,7 +48,8 @@ class ExpertChoiceMoE(nn.Module):
     dispatch = jax.nn.one_hot(chosen, t)  # [B, E, c, T]
     expert_inputs = jnp.einsum('bect,btd->becd', dispatch, tokens)  # [B, E, c, d]
     expert_outputs, hidden = Experts(e, self.expert_hidden_units, name='experts')(
-        expert_inputs, expert_mask)  # [B, E, c, d]
+        expert_inputs, expert_mask, noisy=noisy,
+        deterministic=deterministic)  # [B, E, c, d]
     outputs = jnp.einsum('bect,bec,becd->btd', dispatch, gates, expert_outputs)
     diagnostics = {
         'router_probs': probs,

@@ -9,6 +9,8 @@ by that expert's own fan-in/fan-out, so experts start distinct.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from networks import noisy as noisy_lib
+
 # Xavier-uniform per expert: axis 0 indexes experts and is not part of the fan.
 _EXPERT_INIT = nn.initializers.variance_scaling(
     1.0, 'fan_avg', 'uniform', in_axis=-2, out_axis=-1, batch_axis=(0,))
@@ -19,11 +21,14 @@ class Experts(nn.Module):
   hidden_units: int
 
   @nn.compact
-  def __call__(self, x, expert_mask=None):
+  def __call__(self, x, expert_mask=None, *, noisy: bool = False,
+               deterministic: bool = True):
     """x: [batch, experts, slots, dim] -> (outputs like x, hidden activations).
 
     `expert_mask` [batch, experts] (optional) multiplies each expert's output,
-    for pruning experts at inference.
+    for pruning experts at inference. `noisy` makes every expert's first layer
+    a noisy layer (`networks.noisy`, independent noise per expert; off when
+    `deterministic`), as in Dopamine's noisy MoE networks.
     """
     e, h, d = self.num_experts, self.hidden_units, x.shape[-1]
     w1 = self.param('w1', _EXPERT_INIT, (e, d, h))
@@ -34,7 +39,14 @@ class Experts(nn.Module):
     # Experts-major layout [E, B*S, d]: one batched matmul per layer, with the
     # expert axis leading (measured ~1.7x faster on CPU than '[B,E,S,d]').
     x = x.transpose((1, 0, 2, 3)).reshape((e, b * s, d))
-    hidden = nn.relu(jnp.einsum('emd,edh->emh', x, w1) + b1[:, None, :])  # [E, B*S, h]
+    pre = jnp.einsum('emd,edh->emh', x, w1) + b1[:, None, :]  # [E, B*S, h]
+    if noisy:
+      w1_sigma = self.param('w1_sigma', noisy_lib.sigma_init(d), (e, d, h))
+      b1_sigma = self.param('b1_sigma', noisy_lib.sigma_init(d), (e, h))
+      if not deterministic:
+        pre = pre + noisy_lib.noise_term(self.make_rng('noise'), x, w1_sigma,
+                                         b1_sigma)
+    hidden = nn.relu(pre)
     out = jnp.einsum('emh,ehd->emd', hidden, w2) + b2[:, None, :]  # [E, B*S, d]
     out = out.reshape((e, b, s, d)).transpose((1, 0, 2, 3))  # [B, E, S, d]
     if expert_mask is not None:

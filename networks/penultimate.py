@@ -4,6 +4,8 @@ The layer between the encoder and the head, the one the MoE papers swap. Every
 layer takes the tokenizer's output and returns its features ([B, F], or
 [B, T, d] tokens that the Q-network flattens into the head) and a dict of
 diagnostics from the same forward pass (always including a scalar `aux_loss`).
+`noisy=True` (full Rainbow) makes the layer's first dense layer noisy (every
+expert's, in MoE layers; see `networks.noisy`).
 A new variant is one class plus one line in `PENULTIMATES`.
 """
 
@@ -11,6 +13,7 @@ import flax.linen as nn
 import gin
 import jax.numpy as jnp
 
+from networks import noisy as noisy_lib
 from networks.encoders import XAVIER
 from networks.expert_choice import ExpertChoiceMoE
 from networks.soft_moe import SoftMoE
@@ -31,11 +34,11 @@ class DensePenultimate(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, tokens, *, deterministic: bool = True):
-    del deterministic
+  def __call__(self, tokens, *, deterministic: bool = True, noisy: bool = False):
     x = tokens.reshape((tokens.shape[0], -1))  # [B, T*d]
     units = max(1, int(round(self.hidden_units * self.width_scale)))
-    x = nn.relu(nn.Dense(units, kernel_init=XAVIER)(x))  # [B, units]
+    x = nn.relu(noisy_lib.dense(units, noisy, XAVIER)(
+        x, deterministic=deterministic))  # [B, units]
     return x, {'hidden': x, 'aux_loss': jnp.zeros(())}
 
 
@@ -43,8 +46,8 @@ class GlobalAveragePool(nn.Module):
   """Mean over tokens (global average pooling for per_conv tokens); no experts."""
 
   @nn.compact
-  def __call__(self, tokens, *, deterministic: bool = True):
-    del deterministic
+  def __call__(self, tokens, *, deterministic: bool = True, noisy: bool = False):
+    del deterministic, noisy  # no parameters
     return tokens.mean(axis=1), {'aux_loss': jnp.zeros(())}  # [B, d]
 
 
@@ -66,9 +69,9 @@ class TokenMLP(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, tokens, *, deterministic: bool = True):
-    del deterministic
-    hidden = nn.relu(nn.Dense(self.hidden_units, kernel_init=XAVIER)(tokens))
+  def __call__(self, tokens, *, deterministic: bool = True, noisy: bool = False):
+    hidden = nn.relu(noisy_lib.dense(self.hidden_units, noisy, XAVIER)(
+        tokens, deterministic=deterministic))
     out = nn.Dense(tokens.shape[-1], kernel_init=XAVIER)(hidden)  # [B, T, d]
     if self.reduction == 'sum':
       out = out.sum(axis=1)

@@ -117,15 +117,14 @@ class QNetworkModule(nn.Module):
     """
     feature_map = self.encoder(observations)  # [B, H, W, C]
     tokens = self.tokenizer(feature_map)  # [B, T, d]
+    kwargs = {}
     if expert_mask is not None:
       if not self.is_moe:
         raise ValueError(f"expert_mask needs an MoE penultimate layer, not "
                          f"'{self.penultimate_name}'.")
-      features, diagnostics = self.penultimate(
-          tokens, deterministic=deterministic, expert_mask=expert_mask)
-    else:
-      features, diagnostics = self.penultimate(tokens,
-                                               deterministic=deterministic)
+      kwargs['expert_mask'] = expert_mask
+    features, diagnostics = self.penultimate(
+        tokens, deterministic=deterministic, noisy=self.noisy, **kwargs)
     features = features.reshape((features.shape[0], -1))  # [B, F]
     logits = QHead(self.num_actions, self.num_atoms, self.dueling, self.noisy,
                    name='head')(features, deterministic=deterministic)  # [B, A, N]

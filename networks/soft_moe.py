@@ -53,8 +53,8 @@ class SoftMoE(nn.Module):
     return math.ceil(self.capacity_factor * num_tokens / self.num_experts)
 
   @nn.compact
-  def __call__(self, tokens, *, deterministic: bool = True, expert_mask=None):
-    del deterministic  # Soft MoE routing has no noise.
+  def __call__(self, tokens, *, deterministic: bool = True, expert_mask=None,
+               noisy: bool = False):
     _, num_tokens, dim = tokens.shape  # [B, T, d]
     e, s = self.num_experts, self.num_slots(num_tokens)
     phi = self.param('phi', nn.initializers.normal(stddev=dim ** -0.5),
@@ -69,7 +69,8 @@ class SoftMoE(nn.Module):
     combine = jax.nn.softmax(logits, axis=-1)  # [B, T, E*S], sums to 1 over slots
     slot_inputs = jnp.einsum('btn,btd->bnd', dispatch, tokens)  # [B, E*S, d]
     slot_outputs, hidden = Experts(e, self.expert_hidden_units, name='experts')(
-        slot_inputs.reshape((-1, e, s, dim)), expert_mask)  # [B, E, S, d]
+        slot_inputs.reshape((-1, e, s, dim)), expert_mask, noisy=noisy,
+        deterministic=deterministic)  # [B, E, S, d]
     outputs = jnp.einsum('btn,bnd->btd', combine,
                          slot_outputs.reshape((-1, e * s, dim)))  # [B, T, d]
     dispatch = dispatch.reshape(dispatch.shape[:2] + (e, s))  # [B, T, E, S]

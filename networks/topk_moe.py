@@ -93,7 +93,8 @@ class TopKMoE(nn.Module):
                      self.num_experts)
 
   @nn.compact
-  def __call__(self, tokens, *, deterministic: bool = True, expert_mask=None):
+  def __call__(self, tokens, *, deterministic: bool = True, expert_mask=None,
+               noisy: bool = False):
     b, t, _ = tokens.shape  # [B, T, d]
     e, k, c = self.num_experts, self.k, self.capacity(t)
     logits, probs = router_probabilities(self, tokens, e, self.router_noise_std,
@@ -114,7 +115,8 @@ class TopKMoE(nn.Module):
     combine = jnp.einsum('bkt,bktec->btec', gates_kt, slot)  # [B, T, E, C]
     expert_inputs = jnp.einsum('btec,btd->becd', dispatch, tokens)  # [B, E, C, d]
     expert_outputs, hidden = Experts(e, self.expert_hidden_units, name='experts')(
-        expert_inputs, expert_mask)  # [B, E, C, d]
+        expert_inputs, expert_mask, noisy=noisy,
+        deterministic=deterministic)  # [B, E, C, d]
     outputs = jnp.einsum('btec,becd->btd', combine, expert_outputs)  # [B, T, d]
     if self.overflow == 'pass_through':
       passed = jnp.einsum('bkt,bkt->bt', gates_kt, overflowed)  # [B, T]

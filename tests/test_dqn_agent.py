@@ -117,11 +117,14 @@ def test_epsilon_schedule_matches_dopamine():
   assert agent.epsilon() == pytest.approx(0.05)
 
 
-def test_rainbow_noisy_epsilon_is_constant_but_not_noisy_decays():
+def test_rainbow_noisy_epsilon_is_zero_in_training_but_not_noisy_decays():
   noisy = _make_agent(cls=RainbowAgent, num_atoms=11, min_replay_history=100,
-                      epsilon_decay_period=1000, epsilon_train=0.01)
-  noisy.training_steps = 0
-  assert noisy.epsilon() == pytest.approx(0.01)
+                      epsilon_decay_period=1000, epsilon_train=0.01,
+                      epsilon_eval=0.001)
+  noisy.training_steps = 0  # Dopamine's zero_epsilon: the noise explores
+  assert noisy.epsilon() == 0.0
+  noisy.eval_mode = True
+  assert noisy.epsilon() == pytest.approx(0.001)
   plain = _make_agent(cls=RainbowAgent, num_atoms=11, noisy=False,
                       min_replay_history=100, epsilon_decay_period=1000,
                       epsilon_train=0.01)

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from networks.heads import NoisyDense, QHead
+from networks.heads import QHead
+from networks.noisy import NoisyDense
 from networks.q_network import QNetwork
 
 B, F = 4, 12
@@ -157,8 +158,8 @@ def test_noisy_initialisation():
   for name in ('kernel_mu', 'bias_mu'):
     assert np.abs(np.asarray(params[name])).max() <= bound
     assert np.std(np.asarray(params[name])) > 0
-  for name in ('kernel_sigma', 'bias_sigma'):
-    np.testing.assert_allclose(np.asarray(params[name]), 0.5 * bound,
+  for name in ('kernel_sigma', 'bias_sigma'):  # Dopamine: 0.1 / sqrt(fan_in)
+    np.testing.assert_allclose(np.asarray(params[name]), 0.1 * bound,
                                rtol=1e-6)
 
 

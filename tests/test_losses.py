@@ -106,7 +106,8 @@ def test_projection_hand_computed_general_case():
 
 def test_mse_loss_values():
   td = jnp.array([0.0, 1.0, -2.0, 0.5])
-  np.testing.assert_allclose(losses.mse_loss(td), [0.0, 0.5, 2.0, 0.125])
+  # Dopamine's mse_loss is (target - prediction)^2, without a 1/2.
+  np.testing.assert_allclose(losses.mse_loss(td), [0.0, 1.0, 4.0, 0.25])
 
 
 def test_huber_loss_values():
