@@ -18,10 +18,18 @@ fixed colour in every figure: ``color_map`` gives sorted labels the tab10 colour
 Score
 -----
 The plotted return is ``train_episode_return_mean``, or ``eval_episode_return_mean`` when no
-run has a training return. The final score of a run is the mean of the last ``last_n``
-non-null values of that return (default ``last_n``: 10% of the run's logged iterations,
-at least 1). Atari games in the Atari-57 table are human-normalised
-(``experiments.scores``); other games keep raw returns.
+run has a training return. Final scores are compared at a common training horizon: the
+*horizon* of a game is the last iteration that every run of that game (all series, scales and
+seeds) logged, and iterations of longer runs after it are ignored (a note names the game, the
+horizon and the shortest run). The final score of a run is the mean of the last ``last_n``
+non-null values of that return up to its game's horizon (default ``last_n``: 10% of the run's
+logged iterations up to the horizon, at least 1). Atari games in the Atari-57 table are
+human-normalised (``experiments.scores``); other games keep raw returns.
+
+Like with like (scaling Atari panel and summary aggregate rows): every point of the panel, and
+every aggregate row, is computed over the same games: those that all points (all Atari series)
+have. Games missing from some of them are left out everywhere, with a note naming them; when
+they share no game, the panel (the aggregate rows) is skipped with a note.
 
 Output (``out_dir``, default ``runs_dir/plots``), each figure as PNG and PDF
 -----------------------------------------------------------------------------
@@ -30,18 +38,22 @@ Output (``out_dir``, default ``runs_dir/plots``), each figure as PNG and PDF
 * ``aggregate_iqm`` (only with Atari runs): IQM of human-normalised scores over games x
   seeds at each iteration (iterations every run of the series has), 95% stratified-bootstrap
   CIs from rliable; x = frames (millions). A series keeps the same number of seeds in every
-  game (the smallest count; noted when that drops runs).
+  game (the smallest count; noted when that drops runs); a series with fewer games than the
+  figure is labelled ``"<series> [n games]"``.
 * ``scaling``: final score against ``scale`` (log2 axis; experts for MoE, width multiplier
   for dense) and against ``num_params`` (log axis; median over the runs of a point). Row 1:
-  IQM of HNS over Atari games x seeds with bootstrap CIs; one more row per non-Atari game
+  IQM of HNS over the panel's common Atari games x seeds with bootstrap CIs (a point keeps
+  the same number of seeds in every game); one more row per non-Atari game
   with the mean raw return and t-CIs. One line per penultimate type, labelled
   ``agent-penultimate`` (the default variant name), split by variant where two variants of
   that type share a scale.
 * ``summary.csv`` with the columns ``SUMMARY_COLUMNS``. ``level=run``: one row per run
-  (``final_score``, ``hns``). ``level=game``: per series and game, mean over seeds of
-  ``final_score`` and ``hns`` with a t-interval of ``final_score`` in ``ci_low``/``ci_high``.
-  ``level=aggregate`` (Atari only): per series, ``game="atari"``, ``iqm`` of HNS with
-  bootstrap ``ci_low``/``ci_high``. Floats are written with full precision.
+  (``final_score``, ``hns``, ``last_n``, ``final_iteration``: the game's horizon).
+  ``level=game``: per series and game, mean over seeds of ``final_score`` and ``hns`` with a
+  t-interval of ``final_score`` in ``ci_low``/``ci_high``. ``level=aggregate`` (Atari only):
+  per series, ``game="atari"``, ``iqm`` of HNS over the common games (``num_games``) x
+  seeds (``num_runs`` values) with bootstrap ``ci_low``/``ci_high``. Floats are written with
+  full precision.
 """
 
 from __future__ import annotations
@@ -66,8 +78,9 @@ class PlotError(ValueError):
 
 
 SUMMARY_COLUMNS = ["level", "variant", "series", "agent", "penultimate", "game", "seed",
-                   "scale", "num_experts", "num_params", "num_iterations", "last_n",
-                   "final_score", "hns", "iqm", "ci_low", "ci_high", "num_runs"]
+                   "scale", "num_experts", "num_params", "num_iterations", "final_iteration",
+                   "last_n", "final_score", "hns", "iqm", "ci_low", "ci_high", "num_runs",
+                   "num_games"]
 
 SCALE_LABEL = "number of experts (dense: width multiplier)"
 
@@ -240,19 +253,65 @@ def _values(run: Run, metric: str) -> np.ndarray:
     return run.train_return if metric == "train" else run.eval_return
 
 
-def default_last_n(run: Run) -> int:
-    """10% of the run's logged iterations, at least 1."""
-    return max(1, len(run.iterations) // 10)
+def _reached(run: Run, horizon: int | None) -> np.ndarray:
+    """Mask of the run's iterations up to ``horizon`` (all of them when None)."""
+    return np.ones(len(run.iterations), bool) if horizon is None else run.iterations <= horizon
 
 
-def final_score(run: Run, metric: str = "train", last_n: int | None = None) -> float:
-    """Mean of the last ``last_n`` non-null returns of the run (NaN when it has none)."""
-    n = default_last_n(run) if last_n is None else last_n
-    vals = _values(run, metric)
+def default_last_n(run: Run, horizon: int | None = None) -> int:
+    """10% of the run's logged iterations up to ``horizon`` (default: all), at least 1."""
+    return max(1, int(_reached(run, horizon).sum()) // 10)
+
+
+def _window(run: Run, last_n: int | None, horizon: int | None) -> int:
+    return default_last_n(run, horizon) if last_n is None else last_n
+
+
+def final_score(run: Run, metric: str = "train", last_n: int | None = None,
+                horizon: int | None = None) -> float:
+    """Mean of the last ``last_n`` non-null returns up to iteration ``horizon`` (NaN if none)."""
+    vals = _values(run, metric)[_reached(run, horizon)]
     vals = vals[np.isfinite(vals)]
     if vals.size == 0:
         return math.nan
-    return float(np.mean(vals[-n:]))
+    return float(np.mean(vals[-_window(run, last_n, horizon):]))
+
+
+def final_horizons(runs: Sequence[Run], notes: list[str]) -> dict[str, int]:
+    """Game -> the last iteration every run of that game logged (the common horizon)."""
+    horizons = {}
+    for game in sorted({r.game for r in runs}):
+        rs = [r for r in runs if r.game == game]
+        shortest = min(rs, key=lambda r: int(r.iterations[-1]))
+        horizons[game] = int(shortest.iterations[-1])
+        longer = sum(int(r.iterations[-1]) > horizons[game] for r in rs)
+        if longer:
+            notes.append(f"final scores of {game}: taken up to iteration {horizons[game]}, the "
+                         f"last one all {len(rs)} runs of the game logged ({longer} longer "
+                         f"run(s) cut there; shortest: {shortest.path})")
+    return horizons
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalScore:
+    """A run's final score over ``last_n`` iterations ending at ``horizon``, and its HNS."""
+
+    score: float
+    hns: float
+    last_n: int
+    horizon: int
+
+
+def final_scores(runs: Sequence[Run], metric: str, last_n: int | None,
+                 notes: list[str]) -> dict[tuple, FinalScore]:
+    """Run key -> FinalScore, every run of a game cut at the game's common horizon."""
+    horizons = final_horizons(runs, notes)
+    out = {}
+    for r in runs:
+        h = horizons[r.game]
+        fs = final_score(r, metric, last_n, h)
+        out[r.key] = FinalScore(fs, _hns(r, fs), _window(r, last_n, h), h)
+    return out
 
 
 def _hns(run: Run, score: float) -> float:
@@ -274,6 +333,23 @@ def _balanced_matrix(runs: list[Run], value_of, notes: list[str], what: str):
     chosen = [sorted(by_game[g], key=lambda r: str(r.seed))[:k] for g in games]
     matrix = np.array([[value_of(chosen[j][i]) for j in range(len(games))] for i in range(k)])
     return games, chosen, matrix
+
+
+def _common_games(groups: dict[Any, list[Run]], notes: list[str], what: str):
+    """Restrict every group of runs to the games all groups have; None when they share none."""
+    game_sets = [{r.game for r in rs} for rs in groups.values()]
+    if not game_sets:
+        return {}
+    common = set.intersection(*game_sets)
+    left_out = sorted(set.union(*game_sets) - common)
+    if not common:
+        notes.append(f"{what}: skipped, its {len(groups)} compared groups share no game "
+                     f"(games: {', '.join(left_out)})")
+        return None
+    if left_out:
+        notes.append(f"{what}: compared over the {len(common)} game(s) all its groups have "
+                     f"({', '.join(sorted(common))}); left out {', '.join(left_out)}")
+    return {key: [r for r in rs if r.game in common] for key, rs in groups.items()}
 
 
 # --------------------------------------------------------------------------- figures
@@ -442,23 +518,23 @@ def scaling_points(runs: Sequence[Run], metric: str, last_n: int | None, *, reps
             continue
         usable.append(r)
     lines = _scaling_lines(usable)
-    atari = [r for r in usable if r.has_hns]
-    if atari:
+    final = final_scores(runs, metric, last_n, notes)
+    points = {(line, scale): [r for r in rs if r.has_hns and r.scale == scale]
+              for line, rs in sorted(lines.items())
+              for scale in sorted({r.scale for r in rs if r.has_hns})}
+    points = _common_games(points, notes, "scaling (Atari panel)")
+    if points:
         pts = []
-        for line, rs in sorted(lines.items()):
-            rs = [r for r in rs if r.has_hns]
-            for scale in sorted({r.scale for r in rs}):
-                at = [r for r in rs if r.scale == scale]
-                _, chosen, m = _balanced_matrix(
-                    at, lambda r: _hns(r, final_score(r, metric, last_n)), notes,
-                    f"scaling {line} scale {_fmt_scale(scale)}")
-                if not np.isfinite(m).all():
-                    notes.append(f"scaling: skipped {line} at scale {_fmt_scale(scale)}: a run "
-                                 f"has no return")
-                    continue
-                y, lo, hi = scores_lib.aggregate_iqm(m, reps=reps, seed=seed)
-                params = _median([r.num_params for col in chosen for r in col])
-                pts.append((line, scale, params, y, lo, hi, m.size))
+        for (line, scale), at in points.items():
+            _, chosen, m = _balanced_matrix(at, lambda r: final[r.key].hns, notes,
+                                            f"scaling {line} scale {_fmt_scale(scale)}")
+            if not np.isfinite(m).all():
+                notes.append(f"scaling: skipped {line} at scale {_fmt_scale(scale)}: a run "
+                             f"has no return")
+                continue
+            y, lo, hi = scores_lib.aggregate_iqm(m, reps=reps, seed=seed)
+            params = _median([r.num_params for col in chosen for r in col])
+            pts.append((line, scale, params, y, lo, hi, m.size))
         panels["Atari: IQM human-normalised score"] = pts
     for game in sorted({r.game for r in usable if not r.has_hns}):
         pts = []
@@ -466,7 +542,7 @@ def scaling_points(runs: Sequence[Run], metric: str, last_n: int | None, *, reps
             rs = [r for r in rs if r.game == game]
             for scale in sorted({r.scale for r in rs}):
                 at = [r for r in rs if r.scale == scale]
-                vals = [final_score(r, metric, last_n) for r in at]
+                vals = [final[r.key].score for r in at]
                 y, lo, hi = scores_lib.mean_ci(vals)
                 if not np.isfinite(y):
                     continue
@@ -531,32 +607,33 @@ def summary_rows(runs: Sequence[Run], metric: str, last_n: int | None, *, reps: 
                  seed: int, notes: list[str]) -> list[dict]:
     """Rows for summary.csv (see the module docstring)."""
     rows: list[dict] = []
+    final = final_scores(runs, metric, last_n, notes)
     for r in runs:
-        n = default_last_n(r) if last_n is None else last_n
-        fs = final_score(r, metric, last_n)
+        f = final[r.key]
         rows.append(dict(level="run", variant=r.variant, series=r.series, agent=r.agent,
                          penultimate=r.penultimate, game=r.game, seed=r.seed, scale=r.scale,
                          num_experts=r.num_experts, num_params=r.num_params,
-                         num_iterations=len(r.iterations), last_n=n, final_score=fs,
-                         hns=_hns(r, fs), num_runs=1))
+                         num_iterations=len(r.iterations), final_iteration=f.horizon,
+                         last_n=f.last_n, final_score=f.score, hns=f.hns, num_runs=1))
     groups = defaultdict(list)
     for r in runs:
         groups[(r.series, r.game)].append(r)
     for (series, game), rs in sorted(groups.items()):
-        fs = [final_score(r, metric, last_n) for r in rs]
+        fs = [final[r.key].score for r in rs]
         mean, lo, hi = scores_lib.mean_ci(fs)
-        hns = [_hns(r, f) for r, f in zip(rs, fs)]
+        hns = [final[r.key].hns for r in rs]
         r0 = rs[0]
         rows.append(dict(level="game", variant=r0.variant, series=series, agent=r0.agent,
                          penultimate=r0.penultimate, game=game, scale=r0.scale,
                          num_experts=r0.num_experts, num_params=_median(r.num_params for r in rs),
-                         final_score=mean,
+                         final_iteration=final[r0.key].horizon, final_score=mean,
                          hns=float(np.nanmean(hns)) if np.isfinite(hns).any() else math.nan,
                          ci_low=lo, ci_high=hi, num_runs=int(np.isfinite(fs).sum())))
-    for series in sorted({r.series for r in runs if r.has_hns}):
-        rs = [r for r in runs if r.series == series and r.has_hns]
-        games, chosen, m = _balanced_matrix(
-            rs, lambda r: _hns(r, final_score(r, metric, last_n)), notes, f"summary {series}")
+    atari = {series: [r for r in runs if r.series == series and r.has_hns]
+             for series in sorted({r.series for r in runs if r.has_hns})}
+    for series, rs in (_common_games(atari, notes, "summary aggregate rows") or {}).items():
+        games, chosen, m = _balanced_matrix(rs, lambda r: final[r.key].hns, notes,
+                                            f"summary {series}")
         if not np.isfinite(m).all():
             notes.append(f"summary: no aggregate for {series}: a run has no return")
             continue
@@ -566,7 +643,8 @@ def summary_rows(runs: Sequence[Run], metric: str, last_n: int | None, *, reps: 
                          penultimate=r0.penultimate, game="atari", scale=r0.scale,
                          num_experts=r0.num_experts,
                          num_params=_median(r.num_params for col in chosen for r in col),
-                         iqm=iqm, ci_low=lo, ci_high=hi, num_runs=int(m.size)))
+                         iqm=iqm, ci_low=lo, ci_high=hi, num_runs=int(m.size),
+                         num_games=len(games)))
     return rows
 
 
@@ -597,7 +675,8 @@ def plot_runs(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
               last_n: int | None = None, reps: int = 2000, seed: int = 0) -> PlotResult:
     """Read every metrics.jsonl under ``runs_dir`` and write figures and summary.csv.
 
-    ``last_n``: iterations averaged for a run's final score (default 10%, at least 1).
+    ``last_n``: iterations averaged for a run's final score, counted back from its game's
+    common horizon (default 10% of the iterations up to it, at least 1).
     ``reps``/``seed``: bootstrap replications and seed for the IQM confidence intervals.
     """
     if last_n is not None and (isinstance(last_n, bool) or not isinstance(last_n, int)

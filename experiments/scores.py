@@ -5,7 +5,8 @@ Data
 ``experiments/data/atari_human_random_scores.csv`` (package data, DQN Zoo's table for the
 Atari-57 games) has the columns ``game,random,human`` with snake_case game names
 (``pong``, ``space_invaders``, ``montezuma_revenge``). Dopamine's CamelCase names (``Pong``,
-``SpaceInvaders``) and ALE ids (``ALE/Pong-v5``) are accepted and converted.
+``SpaceInvaders``, ``UpNDown``, ``JamesBond``) and ALE ids (``ALE/Pong-v5``) are accepted and
+converted by ``canonical_game_name`` with ``experiments.environments.atari_game_name``.
 
 Statistics
 ----------
@@ -58,13 +59,25 @@ def load_human_random_scores() -> dict[str, tuple[float, float]]:
 
 
 def canonical_game_name(game: str) -> str:
-    """Convert ``Pong`` / ``SpaceInvaders`` / ``ALE/Pong-v5`` / ``pong`` to ``space_invaders`` style."""
-    name = game.strip()
-    if name.startswith("ALE/"):
-        name = name[4:]
-    name = re.sub(r"(NoFrameskip)?-v\d+$", "", name)
-    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name)
-    return name.lower().replace("-", "_")
+    """Convert ``Pong`` / ``UpNDown`` / ``ALE/Pong-v5`` / ``PongNoFrameskip-v4`` to snake_case.
+
+    Uses ``experiments.environments.atari_game_name`` (ale-py's ROM ids, CamelCase and compact
+    spellings such as ``JamesBond``). A name that is not a ROM of the installed ale-py is
+    converted to snake_case and matched against the score table ignoring underscores.
+    """
+    from experiments import environments  # imported lazily: loads ale-py
+
+    name = re.sub(r"NoFrameskip(?=-v\d+$)", "", game.strip())
+    try:
+        return environments.atari_game_name(name)
+    except ValueError:
+        snake = environments._camel_to_snake(re.sub(r"^ALE/|-v\d+$", "", name))
+        return _games_by_compact_name().get(snake.replace("_", ""), snake)
+
+
+@functools.lru_cache(maxsize=1)
+def _games_by_compact_name() -> dict[str, str]:
+    return {game.replace("_", ""): game for game in _scores_table()}
 
 
 def has_human_random_scores(game: str) -> bool:

@@ -10,7 +10,7 @@ from matplotlib import colormaps
 
 from experiments import plots
 from experiments.plots import PlotError, plot_runs
-from experiments.scores import human_normalized_score
+from experiments.scores import human_normalized_score, load_human_random_scores
 
 ITERS = 10
 SEEDS = (0, 1, 2)
@@ -134,6 +134,7 @@ def test_summary_with_explicit_last_n(runs_dir, tmp_path):
     aggs = [r for r in rows if r["level"] == "aggregate"]
     assert {r["series"] for r in aggs} == {"dqn-dense", "softmoe (scale 2)", "softmoe (scale 8)"}
     assert all(r["game"] == "atari" and int(r["num_runs"]) == 6 for r in aggs)
+    assert all(int(r["num_games"]) == 2 for r in aggs)
     assert all(float(r["ci_low"]) <= float(r["iqm"]) <= float(r["ci_high"]) for r in aggs)
 
 
@@ -231,3 +232,72 @@ def test_unwritable_out_names_the_out_flag(tmp_path):
     with pytest.raises(PlotError, match=r"pass a writable --out$") as raised:
         plot_runs(tmp_path / "runs", tmp_path / "file" / "plots", reps=10)
     assert "--out_dir" not in str(raised.value)
+
+
+def _hns_returns(game, hns, iters=ITERS):
+    """Constant returns with human-normalised score ``hns`` (a list per iteration when given)."""
+    random_score, human = load_human_random_scores()[game]
+    values = hns if isinstance(hns, list) else [hns] * iters
+    return [random_score + h * (human - random_score) for h in values]
+
+
+def _atari_points(root, games_at_scale):
+    """softmoe runs (3 seeds) of {scale: {game: hns}}; returns the loaded runs."""
+    for scale, games in games_at_scale.items():
+        for game, hns in games.items():
+            for seed in SEEDS:
+                write_run(root, "softmoe", "softmoe", scale, 1000 * scale, game, seed,
+                          atari=True, returns=_hns_returns(game, hns))
+    return plots.load_runs(root)
+
+
+def test_scaling_and_aggregates_compare_the_same_games(tmp_path):
+    runs = _atari_points(tmp_path, {1: {"pong": 0.1, "breakout": 3.0}, 2: {"pong": 0.1}})
+    notes = []
+    panels = plots.scaling_points(runs, "train", None, reps=50, seed=0, notes=notes)
+    atari = panels["Atari: IQM human-normalised score"]
+    assert [(p[1], p[6]) for p in atari] == [(1, 3), (2, 3)]  # 3 seeds x pong only
+    for p in atari:
+        assert p[3] == pytest.approx(0.1)
+    assert any("scaling (Atari panel)" in n and "left out breakout" in n for n in notes)
+    notes = []
+    rows = plots.summary_rows(runs, "train", None, reps=50, seed=0, notes=notes)
+    aggs = [r for r in rows if r["level"] == "aggregate"]
+    assert [(r["series"], r["num_games"], r["num_runs"]) for r in aggs] == [
+        ("softmoe (scale 1)", 1, 3), ("softmoe (scale 2)", 1, 3)]
+    assert all(r["iqm"] == pytest.approx(0.1) for r in aggs)
+    assert any("summary aggregate rows" in n and "left out breakout" in n for n in notes)
+
+
+def test_no_common_game_skips_the_atari_panel_and_aggregates(tmp_path):
+    runs = _atari_points(tmp_path, {1: {"pong": 0.1}, 2: {"breakout": 3.0}})
+    notes = []
+    panels = plots.scaling_points(runs, "train", None, reps=50, seed=0, notes=notes)
+    rows = plots.summary_rows(runs, "train", None, reps=50, seed=0, notes=notes)
+    assert "Atari: IQM human-normalised score" not in panels
+    assert not [r for r in rows if r["level"] == "aggregate"]
+    assert any(n.startswith("scaling (Atari panel): skipped") for n in notes)
+    assert any(n.startswith("summary aggregate rows: skipped") for n in notes)
+
+
+@pytest.mark.parametrize("last_n, want", [(None, 0.09), (5, 0.07)])
+def test_final_scores_use_the_iterations_all_runs_reached(tmp_path, last_n, want):
+    for seed, iters in zip(SEEDS, (100, 100, 10)):
+        write_run(tmp_path, None, "dense", 1, 1000, "pong", seed, atari=True,
+                  returns=_hns_returns("pong", [i / 100 for i in range(iters)]))
+    result = plot_runs(tmp_path, last_n=last_n, reps=50)
+    rows = read_summary(result.summary_csv)
+    run_rows = [r for r in rows if r["level"] == "run"]
+    assert [int(r["num_iterations"]) for r in run_rows] == [100, 100, 10]
+    for row in run_rows:
+        assert int(row["final_iteration"]) == 9
+        assert int(row["last_n"]) == (last_n or 1)
+        assert float(row["hns"]) == pytest.approx(want)
+    (agg,) = [r for r in rows if r["level"] == "aggregate"]
+    assert float(agg["iqm"]) == pytest.approx(want)
+    runs = plots.load_runs(tmp_path)
+    panels = plots.scaling_points(runs, "train", last_n, reps=50, seed=0, notes=[])
+    (point,) = panels["Atari: IQM human-normalised score"]
+    assert point[3] == pytest.approx(want)
+    assert any(n.startswith("final scores of pong: taken up to iteration 9") and
+               "2 longer run(s)" in n for n in result.notes)

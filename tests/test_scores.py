@@ -34,6 +34,39 @@ def test_unknown_game_raises_value_error():
     assert scores.has_human_random_scores("Breakout")
 
 
+def _dopamine_name(game):
+    """Dopamine's game-list spelling of a snake_case table name: 'up_n_down' -> 'UpNDown'."""
+    return "".join(part.capitalize() for part in game.split("_"))
+
+
+def test_every_table_game_round_trips_from_its_camel_case_name():
+    table = scores.load_human_random_scores()
+    names = {_dopamine_name(game): game for game in table}
+    for camel in ("UpNDown", "MontezumaRevenge", "PrivateEye", "KungFuMaster", "YarsRevenge",
+                  "Jamesbond", "MsPacman"):
+        assert camel in names
+    names.update({"JamesBond": "jamesbond", "ALE/UpNDown-v5": "up_n_down",
+                  "UpNDownNoFrameskip-v4": "up_n_down", "up_n_down": "up_n_down"})
+    for name, game in names.items():
+        assert scores.canonical_game_name(name) == game, name
+        assert scores.has_human_random_scores(name), name
+        random_score, human = table[game]
+        assert scores.human_normalized_score(name, human) == pytest.approx(1.0), name
+
+
+def test_table_names_that_are_not_ale_roms_keep_their_conversion(monkeypatch):
+    from experiments import environments
+
+    def no_rom(name):
+        raise ValueError(f"unknown Atari game {name!r}")
+
+    monkeypatch.setattr(environments, "atari_game_name", no_rom)
+    assert scores.canonical_game_name("UpNDown") == "up_n_down"
+    assert scores.canonical_game_name("ALE/SpaceInvaders-v5") == "space_invaders"
+    assert scores.canonical_game_name("CartPole-v1") == "cart_pole"
+    assert scores.has_human_random_scores("MontezumaRevenge")
+
+
 def _rliable_direct(matrix, reps, seed):
     from rliable import library as rly
     from rliable import metrics
