@@ -57,8 +57,8 @@ class SoftMoE(nn.Module):
                noisy: bool = False):
     _, num_tokens, dim = tokens.shape  # [B, T, d]
     e, s = self.num_experts, self.num_slots(num_tokens)
-    phi = self.param('phi', nn.initializers.normal(stddev=dim ** -0.5),
-                     (dim, e, s))  # [d, E, S]
+    # Dopamine's init: lecun_normal over (d, E, S), i.e. fan-in E * d.
+    phi = self.param('phi', nn.initializers.lecun_normal(), (dim, e, s))  # [d, E, S]
     flat_phi = phi.reshape((dim, e * s))  # [d, E*S]
     if self.normalization:
       scale = self.param('scale', nn.initializers.ones, ())

@@ -257,3 +257,16 @@ def test_no_mixing_across_observations():
 def test_rejects_bad_options(kwargs, named):
   with pytest.raises(ValueError, match=named):
     SoftMoE(**kwargs)
+
+
+def test_phi_initialisation_is_dopamines_lecun_normal():
+  """Dopamine's SoftMoE draws phi [d, E, S] with lecun_normal: std 1/sqrt(E d)."""
+  d, experts = 64, 8
+  tokens = jnp.zeros((1, 121, d))
+  params = SoftMoE(num_experts=experts, expert_hidden_units=4).init(
+      jax.random.PRNGKey(0), tokens)['params']
+  phi = np.asarray(params['phi'])
+  assert phi.shape == (d, experts, 16)
+  expected = (experts * d) ** -0.5
+  assert abs(phi.std() - expected) < 0.05 * expected
+  assert np.abs(phi).max() <= 2.0 * expected / 0.87962566 + 1e-6  # truncated at 2 std
