@@ -409,7 +409,7 @@ def format_report(results: Dict[str, Any]) -> str:
                  f"{t['collection_8_envs']:.0f} with 8 ({t['collection_speedup']:.2f}x)")
     lines.append("End to end, Pong Soft MoE, 8 vector envs, the protocol's replay ratio "
                  f"(fused updates): {_share(t['end_to_end_8_envs'])}")
-    rates = t['seeds_cartpole']
+    rates = {int(s): r for s, r in t['seeds_cartpole'].items()}  # JSON keys are strings
     lines.append('CartPole Soft MoE, total agent steps/s of S seeds in one process '
                  '(S=1: a lone run): ' + ', '.join(
                      f'S={s}: {r:.0f} ({r / rates[1]:.2f}x)' for s, r in rates.items()))

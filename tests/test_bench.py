@@ -35,3 +35,5 @@ def test_report_names_every_figure():
   assert '0.40 ms' in report and '6.70 GB' in report
   assert 'S=4: 1350 (1.50x)' in report
   assert 'agent 100 s, throughput 90 s' in report
+  # `moerl bench --json` output read back (string keys) gives the same report.
+  assert bench.format_report(json.loads(json.dumps(results))) == report
