@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ TRAIN_ARGS = [
     '--gin_bindings', 'DensePenultimate.hidden_units = 32',
 ]
 TIMING_KEYS = ('agent_steps_per_second', 'train_seconds')
+CKPT_RE = re.compile(r'ckpt_(\d+)$')
 
 
 def _command(base_dir):
@@ -43,16 +45,48 @@ def _complete_lines(path):
   return data.split(b'\n')[:-1]  # the part after the last newline is torn
 
 
-def _wait_for_lines(process, path, count, timeout=240):
+def _finished_checkpoints(base_dir):
+  """Iterations of the finished checkpoints (`checkpoints/ckpt_N`; a save in
+  progress is `ckpt_N.tmp`), ascending."""
+  try:
+    names = os.listdir(os.path.join(base_dir, 'checkpoints'))
+  except FileNotFoundError:
+    return []
+  return sorted(int(m.group(1)) for m in map(CKPT_RE.match, names) if m)
+
+
+def _status(base_dir):
+  try:
+    with open(os.path.join(base_dir, 'status.json'), encoding='utf-8') as f:
+      return json.load(f)
+  except (FileNotFoundError, ValueError):
+    return None
+
+
+def _wait_for_iteration_1(process, base_dir, timeout=240):
+  """Returns once ckpt_0 is saved and status.json says iteration 1 runs.
+
+  The runner logs an iteration's metrics line, saves its checkpoint, then
+  writes status.json with the next iteration: from then on the process is in
+  iteration 1 (about half a second of training on CartPole) with ckpt_0 final.
+  """
   deadline = time.time() + timeout
   while time.time() < deadline:
-    if len(_complete_lines(path)) >= count:
+    status = _status(base_dir)
+    if (0 in _finished_checkpoints(base_dir) and status is not None and
+        status['iteration'] >= 1):
       return
     if process.poll() is not None:
       raise AssertionError(f'training exited early with {process.returncode}: '
                            f'{process.stderr.read().decode()[-2000:]}')
-    time.sleep(0.05)
-  raise AssertionError(f'no {count} metrics lines after {timeout}s')
+    time.sleep(0.01)
+  raise AssertionError(f'no ckpt_0 after {timeout}s')
+
+
+def _logged_iterations(stderr):
+  """Iterations whose summary line (`iteration N: ...`) a process printed."""
+  return [int(m.group(1)) for m in
+          re.finditer(rb'^iteration (\d+): agent_steps=', stderr, re.M)]
 
 
 def test_sigkill_mid_iteration_then_resume(tmp_path):
@@ -62,12 +96,7 @@ def test_sigkill_mid_iteration_then_resume(tmp_path):
   process = subprocess.Popen(_command(base_dir), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, cwd=str(tmp_path), env=env)
   try:
-    _wait_for_lines(process, metrics_path, 1)
-    # Into the next iteration: wait half as long as iteration 0 took (the
-    # machine's speed varies; iteration 1 trains on every step, so it is
-    # longer than iteration 0 with its warm-up).
-    first = json.loads(_complete_lines(metrics_path)[0])
-    time.sleep(0.5 * first['train_seconds'])
+    _wait_for_iteration_1(process, base_dir)
     assert process.poll() is None, 'finished before it could be killed'
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
@@ -76,8 +105,18 @@ def test_sigkill_mid_iteration_then_resume(tmp_path):
       process.kill()
       process.wait()
   assert process.returncode == -signal.SIGKILL
+  killed_stderr = process.stderr.read()
+  # Killed in iteration 1: ckpt_0 is the newest finished checkpoint (a kill
+  # during ckpt_1's save leaves only ckpt_1.tmp, which is not finished).
+  checkpoints_at_kill = _finished_checkpoints(base_dir)
+  assert checkpoints_at_kill == [0], (checkpoints_at_kill, killed_stderr[-2000:])
+  latest = checkpoints_at_kill[-1]
   killed_lines = _complete_lines(metrics_path)
-  assert 1 <= len(killed_lines) < NUM_ITERATIONS
+  killed_by_iteration = {json.loads(line)['iteration']: line
+                         for line in killed_lines}
+  # Iteration 0's line is logged before ckpt_0 is saved; iteration 1's is
+  # there only if the kill landed between its line and its checkpoint.
+  assert list(killed_by_iteration) in ([0], [0, 1]), killed_lines
   with open(os.path.join(base_dir, 'status.json'), encoding='utf-8') as f:
     assert json.load(f)['state'] == 'running'  # a SIGKILL leaves no trace
 
@@ -91,9 +130,16 @@ def test_sigkill_mid_iteration_then_resume(tmp_path):
   assert data.endswith(b'\n')
   rows = [json.loads(line) for line in data.decode('utf-8').splitlines()]
   assert [r['iteration'] for r in rows] == list(range(NUM_ITERATIONS))
-  # Lines logged before the kill are kept as they were.
-  for old, row in zip(killed_lines[:-1], rows):
-    assert json.loads(old) == row
+  # The lines of the checkpointed iterations are kept byte for byte, timing
+  # keys included (a redone iteration would have new timings); later lines
+  # were dropped on resume and logged again.
+  lines = data.split(b'\n')[:-1]
+  for iteration in range(latest + 1):
+    assert lines[iteration] == killed_by_iteration[iteration], iteration
+  # The resumed process restored ckpt_<latest> and ran only the iterations
+  # after it: it printed their summary lines and no others.
+  assert _logged_iterations(resumed.stderr) == list(
+      range(latest + 1, NUM_ITERATIONS)), resumed.stderr.decode()[-3000:]
   assert rows[-1]['agent_steps'] == NUM_ITERATIONS * TRAINING_STEPS
 
   # agent_steps_taken is the agent's cumulative counter, restored from the

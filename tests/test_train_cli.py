@@ -44,6 +44,7 @@ DESIGN_KEYS = ('iteration', 'agent_steps', 'frames', 'train_episode_return_mean'
                'agent_steps_per_second', 'loss', 'game', 'seed', 'penultimate',
                'num_experts', 'num_params')
 TIMING_KEYS = ('agent_steps_per_second', 'train_seconds')
+NUM_EXPERTS = 8  # dqn_softmoe.gin
 
 
 def _run_cli(argv):
@@ -134,6 +135,33 @@ def test_train_metrics_jsonl_has_design_keys(pong_run):
                             PONG_ARGS[:2])
   assert code == 0, err
   assert rows[0]['num_params'] == json.loads(out)['total']
+
+
+def test_softmoe_run_logs_expert_metrics(pong_run):
+  # min_replay_history 200 < 300 steps per iteration: every iteration runs
+  # gradient steps, so every row holds the Soft MoE's expert metrics.
+  base_dir, _ = pong_run
+  rows = _read_metrics(base_dir)
+  assert len(rows) == PONG_ITERATIONS
+  for row in rows:
+    moe = {key: value for key, value in row.items() if key.startswith('moe/')}
+    for key, value in moe.items():  # the logger writes non-finite as null
+      assert isinstance(value, (int, float)) and math.isfinite(value), (key,
+                                                                       value)
+    shares = [moe.pop(f'moe/expert_share_{i}') for i in range(NUM_EXPERTS)]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-4)
+    assert all(0 <= share <= 1 for share in shares), shares
+    # srank of the last batch's penultimate features (8 states).
+    srank = moe.pop('moe/srank')
+    assert isinstance(srank, int) and 1 <= srank <= 8
+    for key in ('moe/combine_entropy', 'moe/dispatch_entropy',
+                'moe/router_grad_norm'):  # the Soft MoE's phi gradient
+      assert moe.pop(key) >= 0, key
+    for tau in ('0', '0.1'):
+      for i in range(NUM_EXPERTS):
+        assert 0 <= moe.pop(f'moe/dormant_{tau}_{i}') <= 1, (tau, i)
+    # Nothing else: no ninth expert, no raw Gram matrix.
+    assert not moe, sorted(moe)
 
 
 def test_train_tensorboard_events_load_in_tensorboard(pong_run):
@@ -312,6 +340,23 @@ def test_params_works_for_every_shipped_config(config):
   assert len(total_line) == 1, out
   total = int(total_line[0].split()[-1].replace(',', ''))
   assert total > 1000
+
+
+@pytest.mark.parametrize('argv,fragments', [
+    (['--gin_files', 'dqn.gin', '--gin_bindings', 'DQNAgent.gama = 0.9'],
+     ['gama']),
+    (['--gin_files', 'dqn_softmoe.gin', '--gin_bindings',
+      'SoftMoE.num_experts = 0'], ['num_experts']),
+    (['--gin_files', 'dqn_topk.gin', '--gin_bindings', 'TopKMoE.k = 9'],
+     ['TopKMoE.k']),
+    (['--gin_files', 'no_such_config.gin'], ['no_such_config.gin']),
+    (['--gin_files', 'dqn.gin', '--num_actions', '0'], ['--num_actions']),
+], ids=['unknown_parameter', 'zero_experts', 'k_above_experts',
+        'missing_gin_file', 'zero_actions'])
+def test_bad_params_input_is_refused(argv, fragments):
+  code, out, err = _run_cli(['params'] + argv)
+  _assert_usage_error(code, err, *fragments)
+  assert out == ''
 
 
 @pytest.mark.parametrize('config,expected', [('dqn.gin', 4052658),
