@@ -167,8 +167,21 @@ def test_train_step_compiles_once():
   assert agent.train_step._cache_size() == 1
 
 
-def test_fused_steps_equal_sequential_steps():
-  agent = _make_agent(update_period=1, target_update_period=3)  # syncs inside
+SOFTMOE_BINDINGS = [
+    'MLPEncoder.num_tokens = 4',
+    "QNetwork.penultimate = 'softmoe'",
+    'SoftMoE.num_experts = 2',
+    'SoftMoE.expert_hidden_units = 16',
+]
+
+
+@pytest.mark.parametrize('bindings', [[], SOFTMOE_BINDINGS],
+                         ids=['dense', 'softmoe'])
+def test_fused_steps_equal_sequential_steps(bindings):
+  agent = _make_agent(bindings, update_period=1,
+                      target_update_period=3)  # syncs inside
+  if bindings:  # the Soft MoE layer is really there
+    assert 'experts' in agent.state.online_params['penultimate']
   rng = np.random.default_rng(0)
   k = 5
   batches = [_random_batch(rng) for _ in range(k)]
@@ -191,6 +204,14 @@ def test_fused_steps_equal_sequential_steps():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(fused.rng),
                                 np.asarray(sequential.rng))
+  fused_opt = jax.tree_util.tree_leaves(fused.opt_state)
+  sequential_opt = jax.tree_util.tree_leaves(sequential.opt_state)
+  assert fused_opt and len(fused_opt) == len(sequential_opt)
+  assert (jax.tree_util.tree_structure(fused.opt_state) ==
+          jax.tree_util.tree_structure(sequential.opt_state))
+  for a, b in zip(fused_opt, sequential_opt):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  assert not _leaves_equal(fused.opt_state, state0.opt_state)
   assert np.asarray(fused_metrics['loss']).shape == (k,)
   np.testing.assert_allclose(np.asarray(fused_metrics['loss']), losses,
                              rtol=1e-5, atol=1e-6)

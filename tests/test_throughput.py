@@ -38,13 +38,159 @@ def test_vector_path_records_returns_and_boundaries_per_env():
       episode_lengths.append(lengths[i])
       lengths[i] = 0
   assert episode_lengths and phase.steps >= 400
+  # The replay's per-env boundaries: see the test below (stack 4, n = 3).
+  runner.agent.replay.check_valid()
+  runner.close()
+
+
+STACK, HORIZON, GAMMA, ENVS = 4, 3, 0.99, 4
+
+
+def _state(records, j):
+  """The state at record j of one env's records (frame, action, reward,
+  terminal, end): frames j-STACK+1..j, oldest first, [STACK, obs], zeros for
+  those before the episode's first frame."""
+  start = j
+  while start > 0 and not records[start - 1][4]:
+    start -= 1
+  return np.stack([records[m][0] if m >= start else
+                   np.zeros_like(records[j][0])
+                   for m in range(j - STACK + 1, j + 1)])
+
+
+def _reference_transition(records, k):
+  """Brute force: None when record k is not a valid transition, else
+  (obs_tm1, a_tm1, r_t, discount_t, obs_t, number of rewards in r_t)."""
+  ret = 0.0
+  for m in range(HORIZON):
+    if k + m >= len(records):
+      return None  # the window runs past what is stored
+    _, _, reward, terminal, end = records[k + m]
+    ret += GAMMA ** m * reward
+    if end:  # a truncation (or an idle step) has nothing to bootstrap from
+      return ((_state(records, k), records[k][1], ret, 0.0, None, m + 1)
+              if terminal else None)
+  if k + HORIZON >= len(records):
+    return None
+  return (_state(records, k), records[k][1], ret, GAMMA ** HORIZON,
+          _state(records, k + HORIZON), HORIZON)
+
+
+def test_vector_path_replay_matches_per_env_trajectories():
+  """4 CartPole envs, stack 4, n = 3, episodes capped at 20 steps: every
+  valid replay transition equals the one built from its own env's recorded
+  trajectory (frames of that env and episode only, zeros before its start;
+  clipped n-step returns that stop at the episode's end; discount 0 only
+  at terminals; no transition through a truncation), across autoresets."""
+  gin_config.load(['cartpole_dqn.gin'], [
+      f'Runner.num_envs = {ENVS}', 'Runner.max_steps_per_episode = 20',
+      f'DQNAgent.stack_size = {STACK}', f'DQNAgent.update_horizon = {HORIZON}',
+      f'DQNAgent.gamma = {GAMMA}', 'DQNAgent.replay_capacity = 4000',
+      'Runner.seed = 1',  # its envs idle long after the budget (below)
+      'DQNAgent.min_replay_history = 1000000',  # acting (random) and recording
+      'MLPEncoder.hidden_units = (16,)', 'DensePenultimate.hidden_units = 16'])
+  runner = Runner(None)
+  env = runner.env
+  rng = np.random.default_rng(0)
+  episode = np.zeros(ENVS, int)
+  t_in_episode = np.zeros(ENVS, int)
+  frames, actions, results = [], [], []  # frames[k]: what each env showed
+
+  def tag(k):  # distinct, nonzero frames: (env, episode, step in it, k)
+    return np.stack([np.arange(ENVS) + 1, episode + 1, t_in_episode + 1,
+                     np.full(ENVS, k + 1)], axis=1).astype(np.float32)
+
+  env_reset, env_step = env.reset, env.step
+
+  def reset(seed=None):
+    env_reset(seed=seed)
+    frames.append(tag(-1))
+    return frames[-1]
+
+  def step(a):
+    result = env_step(a)
+    ends = result.episode_ends
+    episode[ends] += 1
+    t_in_episode[:] = np.where(ends, 0, t_in_episode + 1)
+    # Rewards of both signs, some beyond [-1, 1], so clipping counts.
+    reward = rng.choice([-2.5, -0.5, 0.25, 1.0, 3.0], ENVS).astype(np.float32)
+    result = result._replace(observation=tag(len(results)), reward=reward)
+    actions.append(np.array(a).copy())
+    results.append(result)
+    frames.append(result.observation)
+    return result
+
+  env.reset, env.step = reset, step
+  phase = runner.new_phase(env, 200, False, 0)
+  actives, acted_on = [], []
+  while not phase.done:
+    actives.append(phase.active.copy())
+    acted_on.append(phase.observations.copy())  # [ENVS, obs, STACK]
+    phase.step(runner.agent.select_actions(phase.observations))
   replay = runner.agent.replay
   replay.check_valid()
-  batch = replay.sample(batch_size=256)
-  # Rewards of single-step transitions are 1 (clipped CartPole reward), and
-  # discount 0 exactly at terminals: a transition never spans two episodes.
-  assert np.all(batch['r_t'] == 1.0)
-  assert set(np.unique(batch['discount_t'])) <= {0.0, np.float32(0.99)}
+  steps = len(results)
+  assert replay.add_count == steps and steps * ENVS < 4000  # nothing overwritten
+
+  # Each env's records as the runner should store them: idle envs (after the
+  # budget) store an empty one-step episode.
+  per_env = []
+  for i in range(ENVS):
+    records = []
+    for k in range(steps):
+      r = results[k]
+      if actives[k][i]:
+        records.append((frames[k][i], int(actions[k][i]),
+                        float(np.clip(r.reward[i], -1.0, 1.0)),
+                        bool(r.terminated[i]), bool(r.episode_ends[i])))
+      else:
+        records.append((np.zeros(4, np.float32), 0, 0.0, False, True))
+    per_env.append(records)
+    # The agent acted on the same stacks (its FrameStacker) while active.
+    for k in range(steps):
+      if actives[k][i]:
+        np.testing.assert_array_equal(acted_on[k][i].T, _state(records, k),
+                                      err_msg=(i, k))
+  expected = {}
+  for i in range(ENVS):
+    for k in range(steps):
+      transition = _reference_transition(per_env[i], k)
+      if transition is not None:
+        expected[k * ENVS + i] = transition  # flat id: slot * num_envs + env
+  np.testing.assert_array_equal(replay.valid_indices(), sorted(expected))
+
+  batch = replay.sample(indices=np.array(sorted(expected)))
+  drawn = replay.sample(batch_size=512)
+  for b in (batch, drawn):
+    assert b['obs_tm1'].shape[1:] == (STACK, 4)  # stored frame-first
+    for row, flat in enumerate(b['indices']):
+      obs_tm1, a_tm1, r_t, discount_t, obs_t, _ = expected[int(flat)]
+      where = (int(flat) % ENVS, int(flat) // ENVS)  # (env, step)
+      np.testing.assert_array_equal(b['obs_tm1'][row], obs_tm1, err_msg=where)
+      assert b['a_tm1'][row] == a_tm1, where
+      assert b['r_t'][row] == pytest.approx(r_t, rel=1e-6, abs=1e-6), where
+      assert b['discount_t'][row] == pytest.approx(discount_t, rel=1e-6), where
+      if obs_t is not None:  # arbitrary when discount is 0
+        np.testing.assert_array_equal(b['obs_t'][row], obs_t, err_msg=where)
+
+  # The comparison covered what matters: ends at different steps per env,
+  # truncations and terminals, windows cut by a terminal after >= 1 reward,
+  # stacks padded at an episode start right after another episode's end.
+  ends = np.array([r.episode_ends for r in results])
+  truncated = np.array([r.truncated for r in results])
+  terminated = np.array([r.terminated for r in results])
+  assert ends.sum(0).min() >= 3 and truncated.any() and terminated.any()
+  assert len({tuple(np.flatnonzero(ends[:, i])) for i in range(ENVS)}) == ENVS
+  idle = (~np.array(actives)).sum(0)
+  assert (idle >= 2 * HORIZON).sum() >= 2, idle  # idle steps are never sampled
+  values = list(expected.values())
+  assert sum(v[3] == 0.0 and v[5] > 1 for v in values) >= 10  # cut windows
+  assert sum(v[3] > 0 for v in values) >= 100
+  padded = [flat for flat, v in expected.items()
+            if flat >= ENVS and not v[0][0].any()]  # slot k > 0
+  assert len(padded) >= 20
+  assert len(set(np.asarray(drawn['indices']) % ENVS)) == ENVS
+  assert np.any(drawn['discount_t'] == 0.0)
   runner.close()
 
 
