@@ -417,6 +417,8 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
                          f"\"{{game}}/{{variant}}/seed{{seed}}\"; fix its value")
 
     grid = _check_axis_table(data.get("grid", {}), "[grid]", path)
+    if "grid" in data and not grid:
+        raise SweepError(f"{_where(path)}: [grid] is empty; add axes to it or remove it")
     zips = _check_zips(data.get("zip", []), "[[zip]]", path)
 
     variants = []

@@ -1,14 +1,21 @@
 """End to end: `moerl sweep` runs real `moerl train` subprocesses on CartPole,
 then `moerl plot` summarises them (local and Ray backends)."""
 
+import contextlib
 import csv
+import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from experiments import cli
+from experiments.checkpoints import Checkpointer
 from experiments.logger import read_metrics
 
 SPEC = """
@@ -165,3 +172,183 @@ def test_bad_sweep_is_refused_on_one_line_without_writing(tmp_path, capsys, text
     assert captured.err.startswith('moerl: error:') and fragment in captured.err
     assert captured.err.count('\n') == 1
   assert not os.path.exists(fresh) and _files(existing) == before
+
+
+def _run_cli(argv):
+  """cli.main(argv) with stdout and stderr captured: (exit code, stdout, stderr)."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = cli.main(argv)
+  return code, out.getvalue(), err.getvalue()
+
+
+def _read_json(path):
+  """The JSON object in path, or None while it is missing or unreadable."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _wait_for(condition, proc, what, timeout=600):
+  """Polls condition() until it is true; fails if proc exits first or on timeout."""
+  deadline = time.monotonic() + timeout
+  while not condition():
+    assert proc.poll() is None, f'the sweep exited ({proc.returncode}) before {what}'
+    assert time.monotonic() < deadline, f'timed out waiting for {what}'
+    time.sleep(0.05)
+
+
+def _kill_group(proc):
+  """SIGKILLs proc's process group (the sweep and its trainer) and reaps proc."""
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+  proc.wait()
+  # The trainer is reparented when the sweep dies; wait (bounded) until it is gone.
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline:
+    try:
+      os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+      return
+    time.sleep(0.05)
+
+
+KILL_ITERATIONS = 5
+
+
+def test_killed_sweep_rerun_skips_done_runs_and_resumes_the_killed_one(tmp_path):
+  spec = _write_spec(tmp_path, template='seed{seed}')
+  text = open(spec).read()
+  for old, new in (('Runner.num_iterations = 2',
+                    f'Runner.num_iterations = {KILL_ITERATIONS}'),
+                   ('Runner.training_steps = 300', 'Runner.training_steps = 600'),
+                   ('seeds = [0, 1]', 'seeds = [0, 1, 2]'),
+                   ('"SoftMoE.num_experts" = [1, 2]', '"SoftMoE.num_experts" = [2]')):
+    assert old in text
+    text = text.replace(old, new)
+  with open(spec, 'w') as f:
+    f.write(text)
+  out = str(tmp_path / 'sweep')
+  first, killed, last = (os.path.join(out, f'seed{s}') for s in range(3))
+  command = [sys.executable, '-m', 'experiments.cli', 'sweep', spec, '--out', out,
+             '--workers', '1']
+
+  with open(tmp_path / 'first_sweep.log', 'wb') as log:
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+  try:
+    # Kill once the first run is done and the second has checkpointed an iteration,
+    # so that a resume (not a restart) is observable.
+    def second_run_checkpointed():
+      status = _read_json(os.path.join(killed, 'status.json')) or {}
+      return status.get('state') == 'running' and status.get('iteration', 0) >= 1
+    _wait_for(second_run_checkpointed, proc, 'the second run checkpointed')
+    assert (_read_json(os.path.join(first, 'status.json')) or {}).get('state') == 'done'
+  finally:
+    _kill_group(proc)
+  assert proc.returncode == -signal.SIGKILL
+
+  # The state the kill left behind.
+  assert _read_json(os.path.join(killed, 'status.json'))['state'] == 'running'
+  assert not os.path.exists(last)
+  first_files = _files(first)
+  assert 'metrics.jsonl' in first_files
+  assert any(f.startswith('checkpoints' + os.sep) for f in first_files)
+  kept = Checkpointer(os.path.join(killed, 'checkpoints')).latest_iteration()
+  assert kept is not None and kept < KILL_ITERATIONS - 1
+  with open(os.path.join(killed, 'metrics.jsonl'), 'rb') as f:
+    killed_lines = f.read().split(b'\n')[:kept + 1]
+
+  rerun = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                         stdin=subprocess.DEVNULL)
+  assert rerun.returncode == 0, rerun.stderr
+  assert '3 run(s), 1 already done, 2 to run' in rerun.stderr
+
+  for run in (first, killed, last):
+    status = _read_json(os.path.join(run, 'status.json'))
+    assert status['state'] == 'done' and status['iteration'] == KILL_ITERATIONS
+    with open(os.path.join(run, 'metrics.jsonl'), 'rb') as f:
+      data = f.read()
+    assert data.endswith(b'\n')
+    records = [json.loads(line) for line in data.decode().splitlines()]  # no torn line
+    assert [r['iteration'] for r in records] == list(range(KILL_ITERATIONS))
+
+  # The finished run was not touched: same bytes, same mtimes.
+  assert _files(first) == first_files
+
+  # The killed run resumed from its checkpoint: the iterations it had checkpointed
+  # keep their bytes (train_seconds differs on a retrain) and are not retrained.
+  with open(os.path.join(killed, 'metrics.jsonl'), 'rb') as f:
+    assert f.read().split(b'\n')[:kept + 1] == killed_lines
+  sections = open(os.path.join(killed, 'sweep.log')).read().split('=== sweep ')
+  assert len(sections) == 3  # '' before the first header, then one per start
+  for i in range(KILL_ITERATIONS):
+    assert (f'iteration {i}:' in sections[2]) == (i > kept), (i, kept)
+
+
+TINY = """
+name = "tiny"
+gin_files = ["cartpole_dqn_softmoe.gin"]
+bindings = ["Runner.num_iterations = 1", "Runner.training_steps = 200"]
+game_binding = "create_gym_environment.environment_name"
+games = ["CartPole"]
+"""
+
+
+@pytest.mark.parametrize('text,fragment', [
+    (TINY + 'seeds = [0\n[grid]\n', 'is not valid TOML'),
+    (TINY + '[grid]\n"Runner.num_iterationz" = [1, 2]\n', 'num_iterationz'),
+    (TINY + '[grid]\n', '[grid]'),
+    (TINY + '[grid]\n"SoftMoE.num_experts" = []\n', 'empty list'),
+], ids=['malformed_toml', 'unknown_axis', 'empty_grid_table', 'empty_axis_list'])
+def test_cli_sweep_refuses_bad_spec_on_one_line_without_writing(tmp_path, text,
+                                                                  fragment):
+  spec = tmp_path / 'spec.toml'
+  spec.write_text(text)
+  fresh, existing = str(tmp_path / 'fresh'), str(tmp_path / 'existing')
+  os.makedirs(existing)
+  with open(os.path.join(existing, 'manifest.json'), 'w') as f:
+    json.dump({'sweep': 'tiny', 'runs': []}, f)
+  before = _files(existing)
+  # The dry run first: a spec wrongly accepted then trains nothing.
+  for flags in (['--dry_run'], []):
+    for out in (fresh, existing):
+      code, stdout, stderr = _run_cli(['sweep', str(spec), '--out', out, *flags])
+      assert code == 2, (flags, out, stdout, stderr)
+      assert stdout == ''
+      assert stderr.startswith('moerl: error:') and stderr.count('\n') == 1, stderr
+      assert fragment in stderr and 'Traceback' not in stderr
+  assert not os.path.exists(fresh)
+  assert _files(existing) == before and os.listdir(existing) == ['manifest.json']
+
+
+def _tree(root):
+  """Every directory under root, and every file with its bytes and mtime."""
+  return sorted(os.path.relpath(d, root) for d, _, _ in os.walk(root)), _files(root)
+
+
+@pytest.mark.parametrize('case,fragment', [
+    ('no_runs', 'no metrics.jsonl found'),
+    ('missing', 'does not exist'),
+])
+@pytest.mark.parametrize('out_flag', [[], ['--out']], ids=['default_out', 'out'])
+def test_cli_plot_refuses_bad_dir_on_one_line_without_writing(tmp_path, case, fragment,
+                                                              out_flag):
+  runs = tmp_path / 'runs'
+  if case == 'no_runs':
+    (runs / 'empty_subdir').mkdir(parents=True)
+    (runs / 'notes.txt').write_text('not a run\n')
+  before = _tree(runs) if runs.exists() else None
+  plots = tmp_path / 'plots'
+  argv = ['plot', str(runs)] + ([out_flag[0], str(plots)] if out_flag else [])
+  code, stdout, stderr = _run_cli(argv)
+  assert code == 2, (stdout, stderr)
+  assert stdout == ''
+  assert stderr.startswith('moerl: error:') and stderr.count('\n') == 1, stderr
+  assert fragment in stderr and 'Traceback' not in stderr
+  assert not plots.exists()
+  assert (_tree(runs) if runs.exists() else None) == before

@@ -272,11 +272,12 @@ def test_malformed_toml_reports_line(gin_dir):
         load_spec(path)
 
 
-def test_empty_grid_gives_zero_runs(gin_dir):
-    path = write(gin_dir / "s.toml", """
+@pytest.mark.parametrize("table", ["[[zip]]", "[grid]"])
+def test_empty_grid_is_refused(gin_dir, table):
+    path = write(gin_dir / "s.toml", f"""
         name = "x"
         gin_files = ["a.gin"]
-        [[zip]]
+        {table}
     """)
     with pytest.raises(SweepError, match="empty"):
         load_spec(path)
