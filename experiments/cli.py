@@ -258,8 +258,18 @@ def cmd_representation(args) -> int:
   return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with moerl's rule for bad input: one line on stderr, exit 2
+  (argparse prints its usage text first; `--help` shows it)."""
+
+  def error(self, message):
+    print(f'moerl: error: {self.prog}: {message} (see `{self.prog} --help`)',
+          file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog='moerl', description='Mixtures of Experts in deep RL value networks.')
   sub = parser.add_subparsers(dest='command', required=True)
 
@@ -336,8 +346,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--seed', type=int, default=0)
   p.set_defaults(func=cmd_experts)
 
-  p = sub.add_parser('representation', help='1 vs many Soft MoE experts at '
-                     'equal parameter count fitting ||x||^2 (Chung et al.)')
+  p = sub.add_parser('representation', help='1 vs many Soft MoE experts of '
+                     'the same total width fitting ||x||^2 (Chung et al.)')
   p.add_argument('--out', default='runs/representation',
                  help='output directory for representation.json/.png')
   p.add_argument('--steps', type=int, default=None,
@@ -350,7 +360,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-  args = _parser().parse_args(argv)
+  try:
+    args = _parser().parse_args(argv)
+  except SystemExit as e:  # --help (0) or a usage error (2, its line printed)
+    return e.code if isinstance(e.code, int) else EXIT_OK
   from experiments.gin_config import GinConfigError  # pylint: disable=g-import-not-at-top
   try:
     return args.func(args)

@@ -1,5 +1,6 @@
-"""One expert against many at equal parameter count (Chung et al., "Beyond
-Parameter Count: Implicit Bias in Soft MoE").
+"""One expert against many of the same total expert width (Chung et al.,
+"Beyond Parameter Count: Implicit Bias in Soft MoE"); parameter counts agree
+to within about 5% (see "reported" below).
 
 Their representation result: a Soft MoE layer with a single expert cannot
 represent some simple convex functions of its input, while the same layer

@@ -368,3 +368,16 @@ def test_params_json_matches_reference_counts(config, expected):
   assert result['total'] == expected
   assert result['num_actions'] == 18
   assert sum(result['modules'].values()) == expected
+
+
+@pytest.mark.parametrize('argv', [
+    ['train', '--gin_files', 'dqn.gin'],  # --base_dir missing
+    ['train', '--base_dir', 'x', '--gin_files', 'dqn.gin', '--num_seeds', 'abc'],
+    ['sweep', 'spec.toml', '--out', 'o', '--backend', 'foo'],
+    ['no_such_command'],
+], ids=['missing_flag', 'not_an_int', 'bad_choice', 'unknown_command'])
+def test_argument_errors_are_one_line_and_exit_2(argv, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  code, out, err = _run_cli(argv)
+  _assert_usage_error(code, err)
+  assert out == '' and os.listdir(tmp_path) == []
