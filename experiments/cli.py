@@ -102,7 +102,11 @@ def _train_seeds(args) -> int:
     runners.append(_build_runner(base_dir, args.gin_files,
                                  args.gin_bindings + [f'Runner.seed = {seed}']))
     configs.append(gin.operative_config_str())
-  _run_experiment(SeedGroup(runners), configs)
+  try:
+    group = SeedGroup(runners)
+  except ValueError as e:
+    raise UsageError(f'bad config: {e}') from None
+  _run_experiment(group, configs)
   print(f'done: {args.num_seeds} seeds in {args.base_dir}/seed*; view with: '
         f'tensorboard --logdir {args.base_dir}', file=sys.stderr)
   return EXIT_OK

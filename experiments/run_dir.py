@@ -114,6 +114,16 @@ def normalise_config(text: str) -> str:
   return re.sub(r"\s*([^\w\s])\s*", r"\1", body).strip()
 
 
+_NUM_ITERATIONS_RE = re.compile(r"^\s*Runner\.num_iterations\s*=.*$", re.MULTILINE)
+
+
+def _run_identity(config: str) -> str:
+  """What makes two configs the same run: everything but the number of
+  iterations, so a finished run can be extended (as in Dopamine) by resuming
+  it with a larger `Runner.num_iterations`."""
+  return normalise_config(_NUM_ITERATIONS_RE.sub("", config))
+
+
 def _now_iso() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -175,11 +185,11 @@ class RunDir:
           raise RunDirError(
               f"{self.config_path} cannot be read ({e}); "
               "fix or delete it, or use a new --base_dir.") from None
-        if normalise_config(existing) != normalise_config(operative_config):
+        if _run_identity(existing) != _run_identity(operative_config):
           raise RunDirError(
               f"--base_dir {base} holds a run of a different config (see "
               f"{self.config_path}); use a new --base_dir, or the same gin files "
-              "and bindings to resume that run.")
+              "and bindings to resume that run (Runner.num_iterations may change).")
         if not resume_allowed:
           raise RunDirError(
               f"--base_dir {base} already holds a run and resuming is disabled; "

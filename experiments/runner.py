@@ -271,24 +271,25 @@ class Runner:
       state['replay'] = self.agent.replay
     return state
 
-  def open_run(self, operative_config: str) -> int:
+  def open_run(self, operative_config: str, restore: bool = True) -> int:
     """Prepares the run directory and restores the newest checkpoint.
 
-    Returns the next iteration to run. Bad input (a foreign or
-    different-config base_dir, a corrupt checkpoint) raises RunDirError
-    before anything on disk changes (config.gin is only rewritten with
-    identical content).
+    Returns the next iteration to run (the newest checkpoint's + 1, or 0).
+    With `restore=False` the agent is left as built, for a caller that picks
+    the checkpoint itself (a SeedGroup resumes its seeds from a common one).
+    Bad input (a foreign or different-config base_dir, a corrupt checkpoint)
+    raises RunDirError before anything on disk changes (config.gin is only
+    rewritten with the same run's config).
     """
     self._run_dir = RunDir(self.base_dir)
     resume = self._run_dir.prepare(operative_config)
     self._checkpointer = Checkpointer(self._run_dir.checkpoint_dir)
-    iteration = 0
-    if resume:
-      latest = self._checkpointer.latest_iteration()
-      if latest is not None:
-        self.restore_checkpoint(latest)
-        iteration = latest + 1
-    return iteration
+    latest = self._checkpointer.latest_iteration() if resume else None
+    if latest is None:
+      return 0
+    if restore:
+      self.restore_checkpoint(latest)
+    return latest + 1
 
   def latest_checkpoint(self) -> Optional[int]:
     return self._checkpointer.latest_iteration()

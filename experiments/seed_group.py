@@ -11,7 +11,7 @@ lockstep, one env step each; a seed whose phase has ended waits for the
 others (it takes no steps), so its replay and rngs are those of a lone run.
 Since the update schedule restarts with each training phase (`DQNAgent`),
 the seeds' gradient steps fall in the same rounds. Acting is synchronous
-(`DQNAgent.async_acting` applies to lone runs).
+(`DQNAgent.async_acting` applies to lone runs and is refused here).
 """
 
 from typing import Any, Dict, List, Sequence
@@ -22,7 +22,6 @@ import numpy as np
 
 from agents import devices
 from agents.metric_sums import MetricSums
-from experiments.run_dir import RunDirError
 from networks.expert_metrics import GRAM_KEY
 from experiments.runner import Progress, Runner
 
@@ -82,6 +81,10 @@ class SeedGroup:
       raise ValueError('a SeedGroup needs at least one runner.')
     self.runners = list(runners)
     self.agents = [r.agent for r in self.runners]
+    if any(agent.async_acting for agent in self.agents):
+      raise ValueError('DQNAgent.async_acting applies to lone runs; a '
+                       '--num_seeds group acts synchronously: unbind it, or '
+                       'train the seeds one by one.')
     lead = self.agents[0]
     for agent in self.agents:
       agent.defer_updates = True
@@ -204,15 +207,14 @@ class SeedGroup:
   # -- The experiment. -----------------------------------------------------------
   def run_experiment(self, operative_configs: Sequence[str]) -> None:
     """Runs (or resumes) all seeds; they resume from a common iteration."""
-    starts = [runner.open_run(config)
+    # A group killed between two seeds' checkpoints has seeds one iteration
+    # ahead: every seed resumes from the newest checkpoint they all have (or
+    # starts afresh); an ahead seed's newer line and checkpoint are replaced.
+    starts = [runner.open_run(config, restore=False)
               for runner, config in zip(self.runners, operative_configs)]
     iteration = min(starts)
-    for runner, start in zip(self.runners, starts):
-      if start != iteration:  # killed between two seeds' checkpoints
-        if iteration == 0:
-          raise RunDirError(
-              f'{runner.base_dir} is ahead of the other seeds with no common '
-              'checkpoint; delete the seed directories to start again.')
+    if iteration > 0:
+      for runner in self.runners:
         runner.restore_checkpoint(iteration - 1)
     for runner in self.runners:
       runner.start_logging(iteration)

@@ -248,3 +248,47 @@ def test_num_seeds_rejects_zero(tmp_path, capsys):
   assert code == 2
   assert 'num_seeds' in capsys.readouterr().err
   assert not os.path.exists(tmp_path / 'x')
+
+
+def _train_args(gin_file, bindings):
+  args = ['train', '--gin_files', gin_file]
+  for b in bindings:
+    args += ['--gin_bindings', b]
+  return args
+
+
+def _without_timing(rows):
+  return [{k: v for k, v in row.items()
+           if k not in ('agent_steps_per_second', 'train_seconds')} for row in rows]
+
+
+def test_group_killed_between_seed_checkpoints_of_iteration_0_resumes(tmp_path):
+  """A group killed after seed0 but before seed1 saved iteration 0 leaves
+  seed0 ahead with no common checkpoint: the rerun starts both seeds afresh
+  and ends exactly where an uninterrupted group ends."""
+  bindings = CARTPOLE[:3] + ['MLPEncoder.hidden_units = (32,)',
+                             'DensePenultimate.hidden_units = 32']
+  args = _train_args('cartpole_dqn.gin', bindings + ['Runner.num_iterations = 2'])
+  clean, killed = str(tmp_path / 'clean'), str(tmp_path / 'killed')
+  assert cli.main(args + ['--base_dir', clean, '--num_seeds', '2']) == 0
+  # The state the kill leaves: seed0 finished iteration 0 (its checkpoint and
+  # metrics line), seed1 has nothing. Seed0 trained alone writes exactly that.
+  assert cli.main(_train_args('cartpole_dqn.gin', bindings + [
+      'Runner.num_iterations = 1', 'Runner.seed = 0']) +
+                  ['--base_dir', os.path.join(killed, 'seed0')]) == 0
+  assert cli.main(args + ['--base_dir', killed, '--num_seeds', '2']) == 0
+  for seed in ('seed0', 'seed1'):
+    got = _metrics(os.path.join(killed, seed, 'metrics.jsonl'))
+    expected = _metrics(os.path.join(clean, seed, 'metrics.jsonl'))
+    assert [r['iteration'] for r in got] == [0, 1]
+    assert _without_timing(got) == _without_timing(expected), seed
+
+
+def test_group_refuses_async_acting_without_writing(tmp_path, capsys):
+  base_dir = str(tmp_path / 'g')
+  code = cli.main(_train_args('cartpole_dqn.gin', CARTPOLE + [
+      'DQNAgent.async_acting = True']) + ['--base_dir', base_dir, '--num_seeds', '2'])
+  assert code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'async_acting' in err[0]
+  assert not os.path.exists(base_dir)

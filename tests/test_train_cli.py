@@ -381,3 +381,20 @@ def test_argument_errors_are_one_line_and_exit_2(argv, tmp_path, monkeypatch):
   code, out, err = _run_cli(argv)
   _assert_usage_error(code, err)
   assert out == '' and os.listdir(tmp_path) == []
+
+
+def test_a_finished_run_is_extended_by_a_larger_num_iterations(tmp_path):
+  """As in Dopamine: the same command with more iterations continues the run
+  (config.gin then says so); any other change is a different run."""
+  base_dir = str(tmp_path / 'run')
+  one = [a if a != 'Runner.num_iterations = 2' else 'Runner.num_iterations = 1'
+         for a in CARTPOLE_ARGS]
+  assert _run_cli(['train', '--base_dir', base_dir] + one)[0] == 0
+  first = _read_metrics(base_dir)
+  code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS)
+  assert code == 0, err
+  rows = _read_metrics(base_dir)
+  assert [r['iteration'] for r in rows] == [0, 1]
+  assert rows[0] == first[0]  # iteration 0 kept, not retrained
+  with open(os.path.join(base_dir, 'config.gin'), encoding='utf-8') as f:
+    assert 'Runner.num_iterations = 2' in f.read()
