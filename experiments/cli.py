@@ -105,6 +105,8 @@ def _train_seeds(args) -> int:
   try:
     group = SeedGroup(runners)
   except ValueError as e:
+    for runner in runners:
+      runner.close()
     raise UsageError(f'bad config: {e}') from None
   _run_experiment(group, configs)
   print(f'done: {args.num_seeds} seeds in {args.base_dir}/seed*; view with: '
@@ -267,9 +269,7 @@ class _Parser(argparse.ArgumentParser):
   (argparse prints its usage text first; `--help` shows it)."""
 
   def error(self, message):
-    print(f'moerl: error: {self.prog}: {message} (see `{self.prog} --help`)',
-          file=sys.stderr)
-    raise SystemExit(EXIT_USAGE)
+    raise SystemExit(_fail(f'{self.prog}: {message} (see `{self.prog} --help`)'))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -153,8 +153,8 @@ class RunDir:
   def prepare(self, operative_config: str, resume_allowed: bool = True) -> bool:
     """Creates or validates ``base_dir`` and writes ``config.gin``.
 
-    Returns True when this is a resume: ``config.gin`` already held the same config
-    (compared with ``normalise_config``). Raises RunDirError, without writing
+    Returns True when this is a resume: ``config.gin`` already held the same run's
+    config (compared with ``_run_identity``: ``Runner.num_iterations`` may differ). Raises RunDirError, without writing
     anything, when ``base_dir`` is not a creatable, writable directory, holds files
     that are not a moerl run, holds a run of a different config, or holds a run of
     the same config while ``resume_allowed`` is False.

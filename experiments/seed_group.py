@@ -22,6 +22,7 @@ import numpy as np
 
 from agents import devices
 from agents.metric_sums import MetricSums
+from experiments.run_dir import RunDirError
 from networks.expert_metrics import GRAM_KEY
 from experiments.runner import Progress, Runner
 
@@ -213,6 +214,12 @@ class SeedGroup:
     starts = [runner.open_run(config, restore=False)
               for runner, config in zip(self.runners, operative_configs)]
     iteration = min(starts)
+    for runner, start in zip(self.runners, starts):
+      if start > iteration + 1:  # not a kill mid-round: another run's seeds
+        raise RunDirError(
+            f'{runner.base_dir} is {start - iteration} iterations ahead of the '
+            'other seeds (a group checkpoints all its seeds each iteration); '
+            'use a new --base_dir or the seeds\' own commands.')
     if iteration > 0:
       for runner in self.runners:
         runner.restore_checkpoint(iteration - 1)

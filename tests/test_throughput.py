@@ -292,3 +292,25 @@ def test_group_refuses_async_acting_without_writing(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'async_acting' in err[0]
   assert not os.path.exists(base_dir)
+
+
+def test_group_refuses_a_seed_more_than_one_iteration_ahead(tmp_path, capsys):
+  """Not what a kill leaves (a group checkpoints every seed each iteration):
+  restarting the other seeds would wipe that seed's finished iterations."""
+  bindings = CARTPOLE[:3] + ['MLPEncoder.hidden_units = (32,)',
+                             'DensePenultimate.hidden_units = 32',
+                             'Runner.num_iterations = 2']
+  base_dir = str(tmp_path / 'g')
+  seed0 = os.path.join(base_dir, 'seed0')
+  assert cli.main(_train_args('cartpole_dqn.gin', bindings + ['Runner.seed = 0']) +
+                  ['--base_dir', seed0]) == 0
+  before = {name: open(os.path.join(seed0, name), 'rb').read()
+            for name in ('metrics.jsonl', 'config.gin')}
+  capsys.readouterr()
+  code = cli.main(_train_args('cartpole_dqn.gin', bindings) +
+                  ['--base_dir', base_dir, '--num_seeds', '2'])
+  assert code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'ahead' in err[0], err
+  assert {name: open(os.path.join(seed0, name), 'rb').read() for name in before} == before
+  assert sorted(os.listdir(os.path.join(seed0, 'checkpoints'))) == ['ckpt_0', 'ckpt_1']
