@@ -3,7 +3,8 @@
 Every environment here is *batched* over ``num_envs`` (1 included), so the runner has one code
 path for one env and for many. The protocol (``BatchedEnv``)::
 
-    env.num_envs, env.num_actions, env.observation_shape, env.observation_dtype, env.name
+    env.num_envs, env.num_actions, env.observation_shape, env.observation_dtype, env.name,
+    env.frame_skip (frames per agent step)
     env.reset(seed=None) -> observations [num_envs, *observation_shape]
     env.step(actions[num_envs]) -> StepResult(observation, reward, terminated, truncated,
                                               life_lost)
@@ -32,7 +33,8 @@ with every preprocessing option set explicitly, because its defaults differ from
 
 * ALE v5 game, sticky actions ``repeat_action_probability=0.25`` (0.0 with
   ``sticky_actions=False``), minimal action set (``full_action_space=False``);
-* ``frameskip=4`` with max-pool over the last two frames, grayscale, 84x84 (area resize),
+* ``frameskip=4`` with max-pool over the last two frames, grayscale, 84x84 (area resize; gin
+  parameters ``create_atari_environment.frame_skip`` and ``.screen_size``),
   ``stack_num=1`` (the stack axis is squeezed away);
 * ``noop_max=0``, ``use_fire_reset=False``, ``episodic_life=False``: a lost life never resets
   the game. With ``terminal_on_life_loss=True`` it is reported in ``life_lost`` (from the change
@@ -140,6 +142,7 @@ class BatchedEnv(Protocol):
     observation_shape: tuple
     observation_dtype: np.dtype
     name: str
+    frame_skip: int
 
     def reset(self, seed: int | None = None) -> np.ndarray: ...
 
@@ -220,6 +223,8 @@ class AtariEnv:
         terminal_on_life_loss: bool = False,
         seed: int = 0,
         num_threads: int = 0,
+        frame_skip: int = FRAMES_PER_AGENT_STEP,
+        screen_size: int = 84,
     ):
         from ale_py.vector_env import AtariVectorEnv
 
@@ -232,7 +237,13 @@ class AtariEnv:
             )
         if num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {num_threads}")
+        for name, value in (("frame_skip", frame_skip), ("screen_size", screen_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"create_atari_environment.{name}={value!r} must be an integer >= 1"
+                )
         self.name = game
+        self.frame_skip = frame_skip
         self.num_envs = int(num_envs)
         self.sticky_actions = bool(sticky_actions)
         self.max_steps_per_episode = (
@@ -251,11 +262,11 @@ class AtariEnv:
             full_action_space=False,
             continuous=False,
             autoreset_mode="SameStep",
-            img_height=84,
-            img_width=84,
+            img_height=screen_size,
+            img_width=screen_size,
             grayscale=True,
             stack_num=1,
-            frameskip=FRAMES_PER_AGENT_STEP,
+            frameskip=frame_skip,
             maxpool=True,
             noop_max=0,
             episodic_life=False,  # a lost life is reported in life_lost, see step()
@@ -264,7 +275,7 @@ class AtariEnv:
             use_fire_reset=False,
         )
         self.num_actions = int(self._env.single_action_space.n)
-        self.observation_shape = (84, 84)
+        self.observation_shape = (screen_size, screen_size)
         self.final_observation = np.zeros(
             (self.num_envs, *self.observation_shape), self.observation_dtype
         )
@@ -342,8 +353,15 @@ def create_atari_environment(
     terminal_on_life_loss: bool = False,
     seed: int = 0,
     num_threads: int = 0,
+    frame_skip: int = FRAMES_PER_AGENT_STEP,
+    screen_size: int = 84,
 ) -> AtariEnv:
-    """Batched Atari environment with the Dopamine protocol (see module docstring)."""
+    """Batched Atari environment with the Dopamine protocol (see module docstring).
+
+    `frame_skip` and `screen_size` are Dopamine's `AtariPreprocessing` parameters (4 and
+    84 by default): frames per agent step (max-pooled over the last two) and the side of
+    the square grayscale observation.
+    """
     return AtariEnv(
         game_name,
         sticky_actions=sticky_actions,
@@ -352,6 +370,8 @@ def create_atari_environment(
         terminal_on_life_loss=terminal_on_life_loss,
         seed=seed,
         num_threads=num_threads,
+        frame_skip=frame_skip,
+        screen_size=screen_size,
     )
 
 
@@ -364,6 +384,7 @@ class GymEnv:
     """Batched gymnasium environment (SyncVectorEnv, SAME_STEP autoreset, float32 obs)."""
 
     observation_dtype = np.dtype(np.float32)
+    frame_skip = 1  # one frame per agent step
 
     def __init__(
         self,

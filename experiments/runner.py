@@ -205,8 +205,7 @@ class Runner:
         agent=AGENT_NAMES.get(type(self.agent), type(self.agent).__name__),
         num_params=self.num_params, variant=variant,
         **self.agent.network.describe())
-    self._frames_per_step = (environments.FRAMES_PER_AGENT_STEP
-                             if self.is_atari else 1)
+    self._frames_per_step = self.env.frame_skip
 
   # -- Phases. -----------------------------------------------------------------
   def new_phase(self, env, min_steps: int, eval_mode: bool,

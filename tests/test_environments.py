@@ -27,16 +27,18 @@ def _random_actions(num_actions, shape, seed=0):
 # ------------------------------------------------------------------------------------------
 
 
-def test_atari_frames_byte_identical_to_gymnasium_atari_preprocessing():
+@pytest.mark.parametrize("frame_skip,screen_size", [(4, 84), (2, 64)])
+def test_atari_frames_byte_identical_to_gymnasium_atari_preprocessing(frame_skip, screen_size):
     pytest.importorskip("cv2")  # gymnasium's AtariPreprocessing resizes with OpenCV
     from gymnasium.wrappers import AtariPreprocessing
 
-    env = create_atari_environment("Breakout", sticky_actions=False, num_envs=1, seed=0)
+    env = create_atari_environment("Breakout", sticky_actions=False, num_envs=1, seed=0,
+                                   frame_skip=frame_skip, screen_size=screen_size)
     ref = AtariPreprocessing(
         gym.make("ALE/Breakout-v5", frameskip=1, repeat_action_probability=0.0),
         noop_max=0,
-        frame_skip=4,
-        screen_size=84,
+        frame_skip=frame_skip,
+        screen_size=screen_size,
         grayscale_obs=True,
         terminal_on_life_loss=False,
         scale_obs=False,
@@ -45,7 +47,9 @@ def test_atari_frames_byte_identical_to_gymnasium_atari_preprocessing():
         assert env.num_actions == ref.action_space.n == 4
         obs = env.reset(seed=0)
         ref_obs, _ = ref.reset(seed=0)
-        assert obs.shape == (1, 84, 84) and obs.dtype == np.uint8
+        assert obs.shape == (1, screen_size, screen_size) and obs.dtype == np.uint8
+        assert env.observation_shape == (screen_size, screen_size)
+        assert env.frame_skip == frame_skip
         np.testing.assert_array_equal(obs[0], ref_obs)
         actions = _random_actions(env.num_actions, 400, seed=0)
         compared = 0

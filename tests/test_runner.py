@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 
-from experiments import gin_config
+from experiments import cli, gin_config
 from experiments.runner import Runner
 
 
@@ -74,3 +74,30 @@ def test_every_metrics_line_holds_the_readme_keys_even_before_any_update():
   runner.close()
   assert keys <= set(metrics), sorted(keys - set(metrics))
   assert all(metrics[k] is None for k in ('loss', 'td_loss', 'aux_loss', 'q_mean'))
+
+
+def test_frame_skip_and_screen_size_are_gin_parameters():
+  """Dopamine's AtariPreprocessing.frame_skip / .screen_size: the agent sees
+  the configured frames and the logged frame count follows the frame skip."""
+  gin_config.load(['dqn_softmoe.gin'], [
+      'create_atari_environment.frame_skip = 2',
+      'create_atari_environment.screen_size = 64',
+      'DQNAgent.min_replay_history = 100000', 'DQNAgent.replay_capacity = 1000',
+      'Runner.training_steps = 50', 'Runner.max_steps_per_episode = 60'])
+  runner = Runner(None)
+  try:
+    assert runner.env.observation_shape == (64, 64)
+    assert runner.agent.observation_shape == (64, 64)
+    metrics = runner.run_iteration(0)
+  finally:
+    runner.close()
+  assert metrics['frames'] == 2 * metrics['agent_steps'] == 100
+
+
+def test_bad_frame_skip_is_refused_on_one_line(tmp_path, capsys):
+  base_dir = str(tmp_path / 'run')
+  code = cli.main(['train', '--base_dir', base_dir, '--gin_files', 'dqn.gin',
+                   '--gin_bindings', 'create_atari_environment.frame_skip = 0'])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and 'frame_skip' in err[0], err
+  assert not os.path.exists(base_dir)
