@@ -156,7 +156,7 @@ class BatchedEnv(Protocol):
 # --------------------------------------------------------------------------------------------
 
 
-def _camel_to_snake(name: str) -> str:
+def camel_to_snake(name: str) -> str:
     name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name)
     return re.sub(r"[\s\-]+", "_", name).lower()
 
@@ -172,7 +172,7 @@ def atari_game_name(name: str) -> str:
     stripped = name.strip()
     stripped = re.sub(r"^ALE/", "", stripped)
     stripped = re.sub(r"-v\d+$", "", stripped)
-    snake = _camel_to_snake(stripped)
+    snake = camel_to_snake(stripped)
     if snake in ATARI_GAMES:
         return snake
     compact = re.sub(r"[_\s\-]", "", stripped).lower()

@@ -71,7 +71,7 @@ def canonical_game_name(game: str) -> str:
     try:
         return environments.atari_game_name(name)
     except ValueError:
-        snake = environments._camel_to_snake(re.sub(r"^ALE/|-v\d+$", "", name))
+        snake = environments.camel_to_snake(re.sub(r"^ALE/|-v\d+$", "", name))
         return _games_by_compact_name().get(snake.replace("_", ""), snake)
 
 
