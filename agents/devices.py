@@ -38,7 +38,13 @@ def learner_device() -> jax.Device:
 
 
 def acting_device() -> jax.Device:
-  """A CPU device other than the learner's, else the learner's own."""
+  """A CPU device other than the learner's, else the learner's own.
+
+  With an accelerator (the learner's device), async acting runs on a host
+  CPU device: the accelerator, like XLA:CPU, runs one computation at a time,
+  so acting there would wait for the update. The acting params are then
+  copied to the host after each learner call.
+  """
   learner = learner_device()
   others = [d for d in jax.devices('cpu') if d != learner]
   return others[-1] if others else learner

@@ -125,11 +125,21 @@ def bench_networks(repeats: int = 20, rounds: int = 3, stream=None) -> Dict[str,
 
 
 def _isolated_update_seconds(agent, repeats: int = 10) -> float:
-  """Median time of one jitted gradient step on a fixed replay batch."""
-  batch = agent.replay.sample()
-  batch.pop('indices')
-  state = jax.tree_util.tree_map(jnp.copy, agent.state)
-  step = jax.jit(agent.train_step_fn, donate_argnums=0)
+  """Median time of one gradient step as the loop runs it, on fixed replay
+  batches from the host: one jitted step, or, where the loop fuses K > 1 due
+  steps (uniform replay, K = num_envs // update_period), K fused steps / K."""
+  fused = max(1, agent.num_envs // agent.update_period)
+  if agent._prioritized:  # pylint: disable=protected-access
+    fused = 1  # prioritized steps run one by one (agents.dqn_agent)
+  batches = [agent.replay.sample() for _ in range(fused)]
+  for batch in batches:
+    batch.pop('indices')
+  if fused == 1:
+    step, batch = agent.train_step, batches[0]
+  else:
+    step = agent.train_steps
+    batch = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+  state = jax.tree_util.tree_map(jnp.copy, agent.state)  # the steps donate it
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   times = []
@@ -138,7 +148,7 @@ def _isolated_update_seconds(agent, repeats: int = 10) -> float:
     state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return float(np.median(times)) / fused
 
 
 # Short Pong episodes keep the end-of-phase overrun (episodes finish past the
@@ -204,7 +214,7 @@ def bench_agent(steps: int = 600, stream=None, memory: bool = True) -> Dict[str,
   gin.clear_config()
   result['prioritized_sample_ms'] = _bench_sampling()
   if memory:
-    result['replay_1m_peak_rss_gb'] = _replay_memory_subprocess()
+    result['replay_1m_peak_rss_gib'] = _replay_memory_subprocess()
   return result
 
 
@@ -237,7 +247,7 @@ a, r, f = np.zeros(1, np.int32), np.zeros(1, np.float32), np.zeros(1, bool)
 for t in range(1000000):
     replay.add(frame, a, r, f, f)
 replay.sample()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2)  # KiB -> GiB (Linux)
 '''
 
 
@@ -394,9 +404,9 @@ def format_report(results: Dict[str, Any]) -> str:
       lines.append(f'{label:<18} {_share(agent[label])}')
     lines.append(f"prioritized replay sample (batch 32, 1M capacity): "
                  f"{agent['prioritized_sample_ms']:.2f} ms")
-    if agent.get('replay_1m_peak_rss_gb') is not None:
+    if agent.get('replay_1m_peak_rss_gib') is not None:
       lines.append('peak RSS, 1M-capacity buffer holding 1M frames: '
-                   f"{agent['replay_1m_peak_rss_gb']:.2f} GB")
+                   f"{agent['replay_1m_peak_rss_gib']:.2f} GiB")
   if 'envs' in results:
     env = results['envs']
     lines.append(f"\nALE Pong, random actions: {env['single_env']:.0f} agent steps/s "

@@ -24,7 +24,7 @@ def test_report_names_every_figure():
   results = {
       'device': 'cpu', 'jax': 'x', 'seconds': {'agent': 100.0, 'throughput': 90.0},
       'agent': {**{label: row for label, _, _ in bench.PROTOCOL_CASES},
-                'prioritized_sample_ms': 0.4, 'replay_1m_peak_rss_gb': 6.7},
+                'prioritized_sample_ms': 0.4, 'replay_1m_peak_rss_gib': 6.7},
       'throughput': {'collection_1_env': 600.0, 'collection_8_envs': 1200.0,
                      'collection_speedup': 2.0, 'end_to_end_8_envs': row,
                      'seeds_cartpole': {1: 900.0, 2: 1000.0, 4: 1350.0}}}
@@ -32,7 +32,7 @@ def test_report_names_every_figure():
   for label, _, _ in bench.PROTOCOL_CASES:
     assert label in report
   assert '10.0% of wall time outside the gradient step' in report
-  assert '0.40 ms' in report and '6.70 GB' in report
+  assert '0.40 ms' in report and '6.70 GiB' in report
   assert 'S=4: 1350 (1.50x)' in report
   assert 'agent 100 s, throughput 90 s' in report
   # `moerl bench --json` output read back (string keys) gives the same report.

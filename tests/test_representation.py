@@ -73,3 +73,15 @@ def test_parse_experts():
   assert representation.parse_experts('8, 1,8') == [1, 8]
   with pytest.raises(representation.RepresentationError):
     representation.parse_experts('1,two')
+
+
+def test_steps_are_honoured_when_not_a_multiple_of_eval_every():
+  def run(steps):
+    return representation.run_representation(
+        None, experts=(2,), steps=steps, eval_every=100, num_test=256)['models'][0]
+  model = run(150)
+  assert len(model['train_loss']) == 150
+  assert model['test_loss_steps'] == [100, 150]
+  # 150 steps, not the 200 of two full evaluation blocks.
+  assert model['test_mse'] != run(200)['test_mse']
+  assert model['test_loss'][-1] == model['test_mse']
