@@ -13,8 +13,7 @@ the replay ratio of the single-env protocol (one update per `update_period`
 agent steps, counted over all envs).
 
 With `async_acting`, actions are chosen on a second host device (see
-`agents.devices`) with a copy of the params taken just before the latest
-learner call, so action selection and environment steps run while the update
+`agents.devices`) with the params the latest learner call started from, so action selection and environment steps run while the update
 runs: every action is one gradient step (one learner call) stale, by a fixed
 rule, so runs stay reproducible. Each phase starts from the current params.
 Off by default, which keeps Dopamine's exact semantics.
@@ -307,8 +306,8 @@ class DQNAgent:
     if self.replay.stacked:
       train_step = with_stack_axis_last(train_step)
     self.train_step_fn = train_step  # pure, for vmapping across seeds
-    self.train_step = jax.jit(train_step, donate_argnums=0)
-    self.train_steps = jax.jit(fuse_train_steps(train_step), donate_argnums=0)
+    self.train_step = self._jit_learner_call(train_step)
+    self.train_steps = self._jit_learner_call(fuse_train_steps(train_step))
     self._acting_params = None  # with async_acting: a copy on the acting device
     self.training_steps = 0  # agent steps seen while training (all envs)
     self._update_credit = 0.0
@@ -324,12 +323,36 @@ class DQNAgent:
     return dqn_td_loss(loss_fn, out_tm1, target_t, online_t, batch)
 
   # -- Acting params (async_acting). ------------------------------------------
+  def _jit_learner_call(self, step):
+    """Jits `step(state, batch)`, donating the learner state to it.
+
+    With async acting the online params stay undonated, so the params a
+    learner call reads are never overwritten by it: acting reads those
+    buffers while the call runs (`_on_acting_device`).
+    """
+    if not self.async_acting:
+      return jax.jit(step, donate_argnums=0)
+
+    def split_step(online_params, rest, batch):
+      return step(rest.replace(online_params=online_params), batch)
+
+    jitted = jax.jit(split_step, donate_argnums=1)
+    return lambda state, batch: jitted(
+        state.online_params, state.replace(online_params=None), batch)
+
   def _on_acting_device(self, tree):
-    """A copy of `tree` on the acting device (never an alias: the learner
-    donates its buffers); `tree` itself without async acting."""
+    """`tree` on the acting device; `tree` itself without async acting.
+
+    Goes through host views of the buffers (waiting until they are ready):
+    on CPU the acting arrays then alias the learner's, with no copy. A
+    device-to-device copy would instead queue behind the learner's next
+    call (XLA:CPU runs a device's work in order) and stretch it. Aliasing is
+    safe because learner calls never donate the online params (above).
+    """
     if not self.async_acting:
       return tree
-    return jax.device_put(tree, self._acting_device, may_alias=False)
+    host = jax.tree_util.tree_map(np.asarray, tree)
+    return jax.device_put(host, self._acting_device)
 
   def _refresh_acting_params(self) -> None:
     if self.async_acting:
@@ -405,8 +428,9 @@ class DQNAgent:
     step's new priorities shape the next sample.
     """
     k, self.pending_updates = self.pending_updates, 0
-    if k:
-      self._refresh_acting_params()  # acting goes on while these steps run
+    if not k:
+      return
+    acting_params = self.state.online_params  # what these steps start from
     if k > 1 and not self._prioritized:
       batches = [self.replay.sample() for _ in range(k)]
       for batch in batches:
@@ -415,9 +439,14 @@ class DQNAgent:
       self.state, metrics = self.train_steps(self.state, stacked)
       self._accumulate({key: value[-1] if key == GRAM_KEY else value.mean(0)
                         for key, value in metrics.items()}, k)
-      return
-    for _ in range(k):
-      self.train_once()
+    else:
+      for _ in range(k):
+        self.train_once()
+    if self.async_acting:
+      # Taken once the steps are queued, so the learner never idles while
+      # the host waits here for the previous call's params; acting then
+      # goes on while these steps run.
+      self._acting_params = self._on_acting_device(acting_params)
 
   def train_once(self) -> None:
     batch = self.replay.sample()

@@ -465,6 +465,14 @@ def test_async_acting_acts_on_its_own_device_one_learner_call_stale():
   assert _leaves_equal(agent._acting_params, before)
   assert not _leaves_equal(agent.state.online_params, before)
   agent.select_actions(obs)
+  # The acting arrays alias the learner's buffers without a copy; later
+  # learner calls must never write into them (the online params are never
+  # donated), whatever acting still holds.
+  held = agent._acting_params
+  _fill_replay(agent, 8, rng)  # two more gradient steps
+  assert int(agent.state.step) == 3
+  assert _leaves_equal(held, before)
+  assert not _leaves_equal(agent._acting_params, before)
   # A new phase acts with the current params.
   agent.start_phase(eval_mode=True)
   assert _leaves_equal(agent._acting_params, agent.state.online_params)
