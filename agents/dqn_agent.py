@@ -314,6 +314,7 @@ class DQNAgent:
     self.pending_updates = 0  # gradient steps due but not yet run
     self.defer_updates = False  # a SeedGroup runs the updates of many agents
     self.metric_sums = MetricSums()  # train-step metrics since pop_metrics
+    self._pending_priorities = None  # (indices, priorities) of the last step
 
   # -- Hooks for variants (Rainbow overrides these two). --------------------
   def _network_kwargs(self) -> Dict[str, Any]:
@@ -324,21 +325,12 @@ class DQNAgent:
 
   # -- Acting params (async_acting). ------------------------------------------
   def _jit_learner_call(self, step):
-    """Jits `step(state, batch)`, donating the learner state to it.
-
-    With async acting the online params stay undonated, so the params a
-    learner call reads are never overwritten by it: acting reads those
-    buffers while the call runs (`_on_acting_device`).
-    """
-    if not self.async_acting:
-      return jax.jit(step, donate_argnums=0)
-
-    def split_step(online_params, rest, batch):
-      return step(rest.replace(online_params=online_params), batch)
-
-    jitted = jax.jit(split_step, donate_argnums=1)
-    return lambda state, batch: jitted(
-        state.online_params, state.replace(online_params=None), batch)
+    """Jits `step(state, batch)`, donating the learner state to it, except
+    with async acting: acting then reads the params a learner call started
+    from, in place (`_on_acting_device`), so no call may overwrite them.
+    (Donating all but the online params measured 15% slower on Rainbow's
+    update than donating nothing.)"""
+    return jax.jit(step) if self.async_acting else jax.jit(step, donate_argnums=0)
 
   def _on_acting_device(self, tree):
     """`tree` on the acting device; `tree` itself without async acting.
@@ -449,12 +441,26 @@ class DQNAgent:
       self._acting_params = self._on_acting_device(acting_params)
 
   def train_once(self) -> None:
+    self.write_priorities()
     batch = self.replay.sample()
     indices = batch.pop('indices')
     self.state, metrics = self.train_step(self.state, batch)
     if self._prioritized:
-      self.replay.update_priorities(indices, np.asarray(metrics['priorities']))
+      self._pending_priorities = (indices, metrics['priorities'])
     self._accumulate(metrics)
+
+  def write_priorities(self) -> None:
+    """Writes the last gradient step's new priorities into the sum tree.
+
+    A step's priorities are written just before the next sample (and before
+    a checkpoint), not when the step is dispatched: the sum tree is read only
+    by sampling, so this is Dopamine's order, and the host need not wait for
+    the step (with async acting, acting overlaps it).
+    """
+    if self._pending_priorities is not None:
+      indices, priorities = self._pending_priorities
+      self._pending_priorities = None
+      self.replay.update_priorities(indices, np.asarray(priorities))
 
   def _accumulate(self, metrics, count: int = 1) -> None:
     """Adds `count` steps' worth of metrics (`metrics` holds their mean)."""
@@ -504,6 +510,7 @@ class DQNAgent:
 
   # -- Checkpointing. --------------------------------------------------------
   def checkpoint_state(self) -> Dict[str, Any]:
+    self.write_priorities()  # the saved replay holds every step's priorities
     return {'train_state': self.state, 'rng': self._rng}
 
   def checkpoint_values(self) -> Dict[str, Any]:
@@ -516,3 +523,4 @@ class DQNAgent:
     self.training_steps = int(values['training_steps'])
     self._update_credit = float(values['update_credit'])
     self._acting_params = None
+    self._pending_priorities = None  # they belonged to the replaced state

@@ -306,19 +306,19 @@ def test_moe_aux_loss_is_added_to_the_td_loss():
 # -- Rainbow ---------------------------------------------------------------------
 
 
-def test_rainbow_updates_priorities_after_a_train_step():
+def test_rainbow_priorities_reach_the_sum_tree_before_the_next_sample():
   agent = _make_agent(cls=RainbowAgent, num_atoms=11, min_replay_history=10**6)
   _fill_replay(agent, 100, np.random.default_rng(5))
   assert int(agent.state.step) == 0
   replay = agent.replay
   valid = replay.valid_indices()
-  before = replay.get_priorities(valid)
-  np.testing.assert_array_equal(before, 1.0)  # the initial max priority
+  np.testing.assert_array_equal(replay.get_priorities(valid), 1.0)  # the max
 
-  sampled = []
+  sampled, seen = [], []  # each sample's indices, and the priorities it saw
   original_sample = replay.sample
 
   def spy(*args, **kwargs):
+    seen.append(replay.get_priorities(valid))
     batch = original_sample(*args, **kwargs)
     assert 'sampling_probabilities' in batch
     sampled.append(batch['indices'].copy())
@@ -326,18 +326,25 @@ def test_rainbow_updates_priorities_after_a_train_step():
 
   replay.sample = spy
   agent.train_once()
-  assert int(agent.state.step) == 1
-  (indices,) = sampled
-  after = replay.get_priorities(valid)
-  changed = np.isin(valid, indices)
+  agent.train_once()
+  assert int(agent.state.step) == 2
+  after = seen[1]  # what the second step sampled from
+  changed = np.isin(valid, sampled[0])
   assert np.all(np.isfinite(after)) and np.all(after > 0)
-  # Every sampled transition got a new priority sqrt(loss + 1e-10) != 1 ...
+  # Every transition of the first step got a new priority sqrt(loss + 1e-10)
+  # != 1 ...
   assert np.all(after[changed] != 1.0)
   # ... and is the cross-entropy's square root: C51 losses here are around
   # log(11) ~ 2.4, so priorities are around 1.5.
   assert np.all((after[changed] > 0.5) & (after[changed] < 3.0))
   # The others kept theirs.
   np.testing.assert_array_equal(after[~changed], 1.0)
+  # A checkpoint holds the second step's priorities too.
+  agent.checkpoint_state()
+  final = replay.get_priorities(valid)
+  second_only = np.isin(valid, sampled[1]) & ~changed
+  assert second_only.any()
+  assert np.all(final[second_only] != 1.0)
 
 
 def test_rainbow_train_step_prioritized_metrics():
