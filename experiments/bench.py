@@ -161,23 +161,27 @@ def _isolated_update_seconds(agent, repeats: int = 10) -> float:
 SHORT_EPISODES = 'Runner.max_steps_per_episode = 200'
 
 
-def _time_learner_calls(agent) -> List[float]:
-  """Makes the agent's learner calls wait for their results and sums their
-  seconds into the returned one-element list. Only for exact acting, where
-  the next action waits for each call anyway."""
-  spent = [0.0]
+class _LearnerCallTimer:
+  """Makes the agent's learner calls wait for their results, counting them
+  and summing their seconds. Only for exact acting, where the next action
+  waits for each call anyway. `stop` restores the agent's own calls."""
 
-  def timed(call):
+  def __init__(self, agent):
+    self.agent, self.calls, self.seconds = agent, 0, 0.0
+    self._originals = (agent.train_step, agent.train_steps)
+    agent.train_step, agent.train_steps = map(self._timed, self._originals)
+
+  def _timed(self, call):
     def run(state, batch):
       start = time.perf_counter()
       out = jax.block_until_ready(call(state, batch))
-      spent[0] += time.perf_counter() - start
+      self.seconds += time.perf_counter() - start
+      self.calls += 1
       return out
     return run
 
-  agent.train_step, agent.train_steps = (timed(agent.train_step),
-                                         timed(agent.train_steps))
-  return spent
+  def stop(self) -> None:
+    self.agent.train_step, self.agent.train_steps = self._originals
 
 
 def _protocol_run(gin_file: str, bindings: Sequence[str], steps: int) -> Dict[str, float]:
@@ -198,23 +202,30 @@ def _protocol_run(gin_file: str, bindings: Sequence[str], steps: int) -> Dict[st
   runner.run_iteration(0)
   before = _isolated_update_seconds(agent)
   updates_before = int(agent.state.step)
-  inside = None if agent.async_acting else _time_learner_calls(agent)
+  timer = None if agent.async_acting else _LearnerCallTimer(agent)
   start = time.perf_counter()
   metrics = runner.run_iteration(1)
   jax.block_until_ready(agent.state)
   wall = time.perf_counter() - start
+  if timer is not None:
+    timer.stop()  # before the isolated steps below, which are not the loop's
   updates = int(agent.state.step) - updates_before
   update = (before + _isolated_update_seconds(agent)) / 2
   runner.close()
   row = {'agent_steps_per_second': metrics['agent_steps_per_second'],
          'wall_seconds': wall, 'updates': updates,
          'isolated_update_ms': update * 1e3}
-  if inside is not None:
-    row['in_loop_update_ms'] = inside[0] / max(updates, 1) * 1e3
-    row['share_outside_gradient_step'] = max(0.0, 1.0 - inside[0] / wall)
+  if timer is not None:
+    row['learner_calls'] = timer.calls
+    row['in_loop_update_ms'] = timer.seconds / max(updates, 1) * 1e3
+    row['share_outside_gradient_step'] = _share_outside(timer.seconds, wall)
   else:
-    row['share_outside_gradient_step'] = max(0.0, 1.0 - updates * update / wall)
+    row['share_outside_gradient_step'] = _share_outside(updates * update, wall)
   return row
+
+
+def _share_outside(inside_seconds: float, wall_seconds: float) -> float:
+  return max(0.0, 1.0 - inside_seconds / wall_seconds)
 
 
 ASYNC = 'DQNAgent.async_acting = True'
@@ -239,8 +250,8 @@ def bench_agent(steps: int = 600, stream=None, memory: bool = True) -> Dict[str,
     exact, async_row = result[network], result[network + '_async']
     update_ms = (exact['isolated_update_ms'] + async_row['isolated_update_ms']) / 2
     async_row['isolated_update_ms'] = update_ms
-    async_row['share_outside_gradient_step'] = max(
-        0.0, 1.0 - async_row['updates'] * update_ms / 1e3 / async_row['wall_seconds'])
+    async_row['share_outside_gradient_step'] = _share_outside(
+        async_row['updates'] * update_ms / 1e3, async_row['wall_seconds'])
   gin.clear_config()
   result['prioritized_sample_ms'] = _bench_sampling()
   if memory:

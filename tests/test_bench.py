@@ -54,7 +54,9 @@ def test_protocol_run_times_learner_calls_in_the_loop_with_exact_acting():
     assert 400 // 4 <= row['updates'] <= (400 + 200) // 4
     assert 0.0 <= row['share_outside_gradient_step'] < 1.0
     assert row['isolated_update_ms'] > 0
-  # Exact acting: the learner calls' own seconds, a part of the wall time.
+  # Exact acting: the seconds of the timed iteration's learner calls (one per
+  # gradient step, none of the isolated ones), a part of the wall time.
+  assert exact['learner_calls'] == exact['updates']
   inside = exact['in_loop_update_ms'] * exact['updates'] / 1e3
   assert 0 < inside < exact['wall_seconds']
   assert abs(exact['share_outside_gradient_step'] - (1 - inside / exact['wall_seconds'])) < 1e-9
@@ -72,13 +74,16 @@ def test_timed_learner_calls_return_what_the_calls_return():
                    np.ones(1), np.zeros(1, bool), np.zeros(1, bool))
     batch = agent.replay.sample()
     batch.pop('indices')
+    own_step = agent.train_step
     state = jax.tree_util.tree_map(jnp.copy, agent.state)
     expected_state, expected = agent.train_step(state, batch)
-    spent = bench._time_learner_calls(agent)
+    timer = bench._LearnerCallTimer(agent)
     state, metrics = agent.train_step(jax.tree_util.tree_map(jnp.copy, expected_state), batch)
-    assert spent[0] > 0
+    assert timer.calls == 1 and timer.seconds > 0
     assert int(state.step) == int(expected_state.step) + 1
     assert set(metrics) == set(expected)
+    timer.stop()
+    assert agent.train_step is own_step
   finally:
     runner.close()
     gin.clear_config()
