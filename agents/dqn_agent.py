@@ -13,10 +13,11 @@ the replay ratio of the single-env protocol (one update per `update_period`
 agent steps, counted over all envs).
 
 With `async_acting`, actions are chosen on a second host device (see
-`agents.devices`) with the params the latest learner call started from, so action selection and environment steps run while the update
-runs: every action is one gradient step (one learner call) stale, by a fixed
-rule, so runs stay reproducible. Each phase starts from the current params.
-Off by default, which keeps Dopamine's exact semantics.
+`agents.devices`) with the params the latest learner call started from, so
+action selection and environment steps run while the update runs: every
+action is one gradient step (one learner call) stale, by a fixed rule, so runs
+stay reproducible. Each phase starts from the current params. Off by default,
+which keeps Dopamine's exact semantics.
 
 Update schedule: one gradient step per `update_period` agent steps once the
 replay holds more than `min_replay_history` transitions, counted within each
@@ -308,7 +309,7 @@ class DQNAgent:
     self.train_step_fn = train_step  # pure, for vmapping across seeds
     self.train_step = self._jit_learner_call(train_step)
     self.train_steps = self._jit_learner_call(fuse_train_steps(train_step))
-    self._acting_params = None  # with async_acting: a copy on the acting device
+    self._acting_params = None  # with async_acting: the params acting uses
     self.training_steps = 0  # agent steps seen while training (all envs)
     self._update_credit = 0.0
     self.pending_updates = 0  # gradient steps due but not yet run
