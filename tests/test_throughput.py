@@ -211,16 +211,23 @@ def _metrics(path):
   return [json.loads(line) for line in open(path)]
 
 
-def test_seed_in_a_group_matches_the_same_seed_alone(tmp_path):
+@pytest.mark.parametrize('gin_file,num_seeds', [
+    ('cartpole_dqn_softmoe.gin', 2),  # one seed per device
+    # Prioritized replay; seed 1 shares its device (a vmapped pair) with seed 0.
+    ('cartpole_rainbow_softmoe.gin', 3),
+])
+def test_seed_in_a_group_matches_the_same_seed_alone(tmp_path, gin_file,
+                                                      num_seeds):
   bindings = CARTPOLE[:3] + ['Runner.num_iterations = 2']
   group_dir, alone_dir = str(tmp_path / 'group'), str(tmp_path / 'alone')
-  args = ['train', '--gin_files', 'cartpole_dqn_softmoe.gin']
+  args = ['train', '--gin_files', gin_file]
   for b in bindings:
     args += ['--gin_bindings', b]
-  assert cli.main(args + ['--base_dir', group_dir, '--num_seeds', '2']) == 0
+  assert cli.main(args + ['--base_dir', group_dir,
+                          '--num_seeds', str(num_seeds)]) == 0
   assert cli.main(args + ['--base_dir', alone_dir,
                           '--gin_bindings', 'Runner.seed = 1']) == 0
-  assert sorted(os.listdir(group_dir)) == ['seed0', 'seed1']
+  assert sorted(os.listdir(group_dir)) == [f'seed{s}' for s in range(num_seeds)]
   # The seed's directory is exactly a lone run's: same config, resumable.
   assert (open(os.path.join(group_dir, 'seed1', 'config.gin')).read() ==
           open(os.path.join(alone_dir, 'config.gin')).read())
