@@ -402,6 +402,7 @@ class DQNAgent:
       num_steps = int(np.sum(~idle))
     else:
       num_steps = len(ends)
+    self.write_priorities()  # a new record takes the tree's max priority
     self.replay.add(frames, actions, rewards, terminals, ends)
     self.training_steps += num_steps
     self._update_credit += num_steps / self.update_period
@@ -453,10 +454,12 @@ class DQNAgent:
   def write_priorities(self) -> None:
     """Writes the last gradient step's new priorities into the sum tree.
 
-    A step's priorities are written just before the next sample (and before
-    a checkpoint), not when the step is dispatched: the sum tree is read only
-    by sampling, so this is Dopamine's order, and the host need not wait for
-    the step (with async acting, acting overlaps it).
+    A step's priorities are written just before the tree is next read or
+    written (the next replay record, which takes the tree's max priority and
+    may overwrite a sampled slot; the next sample; a checkpoint), not when
+    the step is dispatched. Every read thus sees what Dopamine's immediate
+    write gives, and the host need not wait for the step in between (with
+    async acting, the next action and env step overlap it).
     """
     if self._pending_priorities is not None:
       indices, priorities = self._pending_priorities

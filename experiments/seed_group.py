@@ -6,11 +6,9 @@ its own config.gin), so every seed's directory can be resumed, evaluated and
 plotted like any run. What they share is the accelerator work: the learner
 states are stacked on a leading seed axis, and action selection and gradient
 steps run as one vmapped jitted call per device for the seeds on it (seeds
-are spread over the host devices, see `SeedGroup`). The seeds of a device
-advance in lockstep, one env step each; a seed whose phase has ended waits
-for the others (it takes no steps), so its replay and rngs are those of a
-lone run. The devices are pipelined: the host steps one device's envs while
-the other computes its gradient steps and next actions.
+are spread over the host devices, see `SeedGroup`). Seeds advance in
+lockstep, one env step each; a seed whose phase has ended waits for the
+others (it takes no steps), so its replay and rngs are those of a lone run.
 Since the update schedule restarts with each training phase (`DQNAgent`),
 the seeds' gradient steps fall in the same rounds. Acting is synchronous
 (`DQNAgent.async_acting` applies to lone runs and is refused here).
@@ -43,7 +41,6 @@ class _Shard:
     self.state = None  # TrainState, every leaf [k, ...]
     self.rngs = None  # [k, 2]
     self.metric_sums = MetricSums()  # weights [k]: 1 where a seed updated
-    self.pending_priorities = []  # (indices per seed, priorities [k, B])
 
   def gather(self, agents) -> None:
     host = lambda tree: jax.device_get(tree)
@@ -60,6 +57,7 @@ class _Shard:
 
   def accumulate(self, metrics, do_update) -> None:
     """Queues each seed's metrics (summed on device); split per iteration."""
+    metrics = {k: v for k, v in metrics.items() if k != 'priorities'}
     gram = metrics.pop(GRAM_KEY, None)  # the newest of each updated seed
     self.metric_sums.add(metrics, do_update, latest=gram)
 
@@ -127,52 +125,47 @@ class SeedGroup:
       shard.scatter(self.agents)
 
   # -- Acting and learning. ------------------------------------------------------
-  def _dispatch_actions(self, shard: _Shard, phases, eval_mode: bool):
-    """Queues the shard's action selection; returns its actions [k, N] (not
-    yet computed: reading them waits)."""
-    observations = np.stack([phases[s].observations for s in shard.seeds])
-    active = np.array([not phases[s].done for s in shard.seeds])
-    epsilons = np.array([self.agents[s].epsilon() for s in shard.seeds],
-                        np.float32)
-    actions, shard.rngs = self._act(shard.state.online_params, observations,
-                                    shard.rngs, epsilons, active, eval_mode)
-    return actions
+  def _select_actions(self, phases, eval_mode: bool) -> np.ndarray:
+    dispatched = []
+    for shard in self.shards:  # one call per device, running concurrently
+      observations = np.stack([phases[s].observations for s in shard.seeds])
+      active = np.array([not phases[s].done for s in shard.seeds])
+      epsilons = np.array([self.agents[s].epsilon() for s in shard.seeds],
+                          np.float32)
+      actions, shard.rngs = self._act(shard.state.online_params, observations,
+                                      shard.rngs, epsilons, active, eval_mode)
+      dispatched.append(actions)
+    return np.concatenate([np.asarray(a) for a in dispatched])  # [S, N]
 
-  def _write_priorities(self, shard: _Shard) -> None:
-    """Puts the shard's queued priorities into its seeds' sum trees.
-
-    Only sampling reads the trees, so they are written just before the next
-    sample (as `DQNAgent` does alone), not right after each step is queued.
-    """
-    for indices, priorities in shard.pending_priorities:
-      priorities = np.asarray(priorities)  # [k, B]; waits for the step
-      for j, index in indices.items():
-        self.agents[shard.seeds[j]].replay.update_priorities(index,
-                                                             priorities[j])
-    shard.pending_priorities = []
-
-  def _run_updates(self, shard: _Shard) -> None:
-    """Queues the gradient steps the shard's seeds have due, in rounds."""
-    agents = [self.agents[s] for s in shard.seeds]
-    pending = np.array([agent.pending_updates for agent in agents])
-    for agent in agents:
+  def _run_updates(self) -> None:
+    pending = np.array([agent.pending_updates for agent in self.agents])
+    for agent in self.agents:
       agent.pending_updates = 0
     while pending.max() > 0:
-      self._write_priorities(shard)
-      do_update = pending > 0
-      batches, indices = {}, {}
-      for j in np.flatnonzero(do_update):
-        batches[j] = agents[j].replay.sample()
-        indices[j] = batches[j].pop('indices')
-      filler = next(iter(batches.values()))  # for seeds with nothing due
-      stacked = {k: np.stack([batches.get(j, filler)[k]
-                              for j in range(len(agents))])
-                 for k in filler}
-      shard.state, metrics = self._train(shard.state, stacked, do_update)
+      due = pending > 0
+      updated = []
+      for shard in self.shards:
+        do_update = due[shard.seeds.start:shard.seeds.stop]
+        if not do_update.any():
+          continue
+        batches, indices = {}, {}
+        for j in np.flatnonzero(do_update):
+          batches[j] = self.agents[shard.seeds[j]].replay.sample()
+          indices[j] = batches[j].pop('indices')
+        filler = next(iter(batches.values()))  # for seeds with nothing due
+        stacked = {k: np.stack([batches.get(j, filler)[k]
+                                for j in range(len(shard.seeds))])
+                   for k in filler}
+        shard.state, metrics = self._train(shard.state, stacked, do_update)
+        shard.accumulate(metrics, do_update)
+        updated.append((shard, indices, metrics))
       if self._prioritized:
-        shard.pending_priorities.append((indices, metrics.pop('priorities')))
-      shard.accumulate(metrics, do_update)
-      pending = pending - do_update
+        for shard, indices, metrics in updated:
+          priorities = np.asarray(metrics['priorities'])  # [k, B]
+          for j, index in indices.items():
+            self.agents[shard.seeds[j]].replay.update_priorities(
+                index, priorities[j])
+      pending = pending - due
 
   def _run_phases(self, envs, min_steps: int, eval_mode: bool,
                   iteration: int) -> List[Dict[str, Any]]:
@@ -182,30 +175,18 @@ class SeedGroup:
     progress = Progress(min_steps * len(phases),
                         f'iter {iteration} {label} x{len(phases)} seeds',
                         self.runners[0]._log_stream)
-    # Each shard is a pipeline of its own: while one device computes its
-    # seeds' gradient steps and actions, the host steps the other's envs.
-    # Every seed still acts on the parameters of its latest gradient step.
-    actions = {shard: self._dispatch_actions(shard, phases, eval_mode)
-               for shard in self.shards}
     try:
       while not all(phase.done for phase in phases):
+        actions = self._select_actions(phases, eval_mode)
         counted = 0
-        for shard in self.shards:
-          shard_phases = [phases[s] for s in shard.seeds]
-          if all(phase.done for phase in shard_phases):
-            continue
-          for phase, seed_actions in zip(shard_phases,
-                                         np.asarray(actions[shard])):
-            if not phase.done:
-              counted += phase.step(seed_actions)
-          if not eval_mode:
-            self._run_updates(shard)
-          actions[shard] = self._dispatch_actions(shard, phases, eval_mode)
+        for phase, seed_actions in zip(phases, actions):
+          if not phase.done:
+            counted += phase.step(seed_actions)
+        if not eval_mode:
+          self._run_updates()
         progress.update(counted, phases[0].recent_return)
     finally:
       progress.close()
-      for shard in self.shards:
-        self._write_priorities(shard)
       for phase in phases:
         phase.close()
     return [phase.stats() for phase in phases]

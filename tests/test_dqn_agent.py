@@ -347,6 +347,33 @@ def test_rainbow_priorities_reach_the_sum_tree_before_the_next_sample():
   assert np.all(final[second_only] != 1.0)
 
 
+def test_rainbow_new_records_take_the_max_priority_of_the_last_step():
+  """Dopamine writes a step's priorities at once, and a new record takes the
+  tree's max priority: a step's priorities must be in the tree before the
+  next record too, not only before the next sample."""
+  agent = _make_agent(cls=RainbowAgent, num_atoms=11, min_replay_history=10**6,
+                      replay_capacity=100)
+  rng = np.random.default_rng(8)
+  _fill_replay(agent, 100, rng)  # full: the next record overwrites slot 0
+  replay = agent.replay
+  assert replay.sum_tree.max_recorded == 1.0
+  original_sample = replay.sample
+  replay.sample = lambda *a, **k: original_sample(
+      indices=np.array([0, 1, 2, 3, 4, 5, 6, 7]))  # slot 0 is sampled
+  agent.train_once()
+  replay.sample = original_sample
+  # C51 losses here are around log(11) ~ 2.4: priorities around 1.5.
+  priorities = np.asarray(agent._pending_priorities[1])  # sqrt(loss + 1e-10)
+  assert priorities.max() > 1.0
+  _fill_replay(agent, 1, rng)  # overwrites slot 0
+  # The new record has the max including the step's priorities, and the
+  # sampled slot it replaced does not get the old transition's priority.
+  assert replay.get_priorities(np.array([0]))[0] == pytest.approx(
+      priorities.max())
+  np.testing.assert_allclose(replay.get_priorities(np.arange(1, 8)),
+                             priorities[1:], rtol=1e-6)
+
+
 def test_rainbow_train_step_prioritized_metrics():
   agent = _make_agent(cls=RainbowAgent, num_atoms=11)
   batch = _random_batch(np.random.default_rng(6), prioritized=True)
