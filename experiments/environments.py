@@ -25,7 +25,7 @@ The last observation of the ended episode is kept in ``env.final_observation`` (
 that ended in the latest step) for callers that want to bootstrap on truncation; the Dopamine
 protocol does not need it.
 
-Atari protocol (Dopamine-compatible, see DESIGN.md "Protocol defaults")
+Atari protocol (Dopamine-compatible, see the README, "Protocol and decisions")
 ----------------------------------------------------------------------
 ``create_atari_environment`` drives ``ale_py.vector_env.AtariVectorEnv`` for any ``num_envs``
 with every preprocessing option set explicitly, because its defaults differ from the protocol

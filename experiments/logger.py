@@ -1,7 +1,7 @@
 """The one logging sink: per-iteration metrics to metrics.jsonl and TensorBoard.
 
 ``metrics.jsonl`` holds one JSON object per line, one line per iteration, each with an
-``iteration`` key (schema: DESIGN.md, "Run directory"). numpy / jax scalars become
+``iteration`` key (schema: README, "Run directory"). numpy / jax scalars become
 Python numbers; NaN and +-inf become ``null`` so every line is strict JSON. Each line
 is appended with a single ``write`` call followed by flush and ``os.fsync``, so a
 killed process leaves at most one torn (newline-less) last line.
@@ -19,7 +19,7 @@ Guarantees:
 
 The TensorBoard event file (tensorboardX, no TensorFlow) in the same directory gets
 every numeric scalar of each record as a scalar with step ``metrics['iteration']``;
-keys such as ``moe/expert_3_mass`` are used as tags unchanged. Pass ``purge_step`` on
+keys such as ``moe/expert_share_3`` are used as tags unchanged. Pass ``purge_step`` on
 resume so TensorBoard discards events of earlier processes at or after that step.
 """
 

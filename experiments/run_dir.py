@@ -1,6 +1,6 @@
 """The run directory (``--base_dir``): layout, atomic writes, config guard, status.
 
-Layout (DESIGN.md, "Run directory")::
+Layout (README, "Run directory")::
 
     config.gin            the operative gin config, written by ``RunDir.prepare``
     metrics.jsonl         one JSON object per iteration (``experiments.logger``)
