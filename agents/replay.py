@@ -145,6 +145,7 @@ class ReplayBuffer:
     self.add_count = 0  # Number of add() calls; each writes one record per env.
     self._scratch = None  # Reused by _stacked_states; never handed out.
     self._rng = np.random.default_rng(self._seed)
+    self._drawn = None  # While sample_ahead draws: every candidate id drawn.
 
   # ----------------------------------------------------------------------------------------------
   # Sizes.
@@ -308,6 +309,8 @@ class ReplayBuffer:
     if self.is_empty():
       raise ValueError('Cannot sample from an empty replay buffer.')
     indices = self._draw_candidates(batch_size)
+    if self._drawn is not None:
+      self._drawn.append(indices.copy())
     valid, returns, terminated = self._transitions(indices)
     attempts = 0
     while not valid.all():
@@ -318,6 +321,8 @@ class ReplayBuffer:
             f'transitions before sampling (add_count={self.add_count}).')
       invalid = ~valid
       redrawn = self._redraw_candidates(int(invalid.sum()))
+      if self._drawn is not None:
+        self._drawn.append(redrawn.copy())
       indices[invalid] = redrawn
       valid[invalid], returns[invalid], terminated[invalid] = self._transitions(redrawn)
     return indices, returns, terminated
@@ -381,6 +386,53 @@ class ReplayBuffer:
         'obs_t': states[b:],  # like obs_tm1
         'indices': indices.astype(np.int64),  # [B]
     }
+
+  def sample_ahead(self, adds: int, num_batches: int = 1) -> list[dict] | None:
+    """The `num_batches` batches that `num_batches` calls of sample() will return after `adds`
+    more add() calls, drawn now; or None, leaving the buffer as it was.
+
+    Exact, not approximate: the draws take the same random numbers from the same generator
+    state and see the sizes and cursor of that later time, so the batches are the arrays
+    sample() would return then, on one condition: the adds write none of the rows the draws
+    read (every candidate, accepted or rejected, reads rows t-stack_size+1 .. t+update_horizon).
+    When some draw would read such a row (a candidate among the newest records, rare once the
+    buffer holds thousands), the generator is put back and None is returned, so the later
+    sample() calls draw as if this call had never been made. Nothing may sample in between.
+    """
+    _require(_is_int(adds) and adds >= 0, f'adds must be an integer >= 0, got {adds!r}.')
+    start_state, add_count = self.rng_state, self.add_count
+    first_written = self.cursor()  # the adds write rows first_written, first_written + 1, ...
+    self.add_count, self._drawn = add_count + adds, []
+    try:
+      batches = [self.sample() for _ in range(num_batches)]
+      drawn = np.concatenate(self._drawn)
+    except (ValueError, RuntimeError):  # e.g. nothing valid yet: let sample() tell later
+      batches = None
+    finally:
+      self.add_count, self._drawn = add_count, None
+    if batches is None:
+      self.rng_state = start_state
+      return None
+    c = self._capacity_per_env
+    reach = self._stack_size + self._update_horizon  # rows read per candidate
+    first_read = (drawn // self._num_envs - (self._stack_size - 1)) % c
+    # Two circular row ranges [a, a + L) and [b, b + M) meet iff (b - a) % c < L or
+    # (a - b) % c < M.
+    meets = (((first_written - first_read) % c < reach)
+             | ((first_read - first_written) % c < adds))
+    if adds and meets.any():
+      self.rng_state = start_state
+      return None
+    return batches
+
+  @property
+  def rng_state(self) -> dict:
+    """The sampling generator's state (a dict; setting it restores it)."""
+    return self._rng.bit_generator.state
+
+  @rng_state.setter
+  def rng_state(self, state: dict) -> None:
+    self._rng.bit_generator.state = state
 
   # ----------------------------------------------------------------------------------------------
   # Invariants and persistence.
@@ -525,6 +577,11 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     priorities = self._sum_tree.get(batch['indices'])
     batch['sampling_probabilities'] = (priorities / self._sum_tree.total()).astype(np.float32)
     return batch
+
+  def sample_ahead(self, adds: int, num_batches: int = 1) -> None:
+    """Always None: a later draw depends on priorities not yet computed (the pending
+    gradient steps') and on the tree's total after the adds."""
+    return None
 
   def get_priorities(self, indices) -> np.ndarray:
     return self._sum_tree.get(self._check_indices(indices))

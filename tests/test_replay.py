@@ -344,6 +344,56 @@ def test_zero_priority_is_never_sampled():
 # Persistence.
 
 
+@pytest.mark.parametrize('n', [1, 3])
+@pytest.mark.parametrize('num_envs', [1, 2])
+def test_sample_ahead_gives_what_sample_gives_after_the_adds(n, num_envs):
+  """Drawn `adds` records ahead, the batches are the arrays sample() returns after those adds,
+  through the fill and several wrap-arounds; when a draw would read a row still to be written,
+  sample_ahead returns None and leaves the generator as it was. `plain` never draws ahead."""
+  rng = np.random.default_rng(10 * n + num_envs)
+  capacity_per_env = 30
+  kwargs = dict(update_horizon=n, num_envs=num_envs, batch_size=4,
+                replay_capacity=capacity_per_env * num_envs)
+  ahead, plain = make(**kwargs), make(**kwargs)
+  outcomes = {'ahead': 0, 'refused': 0}
+  while ahead.add_count < 4 * capacity_per_env:
+    adds, count = int(rng.integers(0, 5)), int(rng.integers(1, 3))
+    steps = [random_step(rng, num_envs, (3, 2), p_end=0.1) for _ in range(adds)]
+    drawn = ahead.sample_ahead(adds, count)
+    for step in steps:
+      ahead.add(*step)
+      plain.add(*step)
+    if plain.num_valid() == 0:
+      assert drawn is None
+      continue
+    expected = [plain.sample() for _ in range(count)]
+    if drawn is None:  # the generator is untouched: sample() draws as plain's does
+      outcomes['refused'] += 1
+      drawn = [ahead.sample() for _ in range(count)]
+    else:
+      outcomes['ahead'] += 1
+    assert len(drawn) == count
+    for got, want in zip(drawn, expected):
+      assert got.keys() == want.keys()
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert ahead.rng_state == plain.rng_state
+  # Both paths ran (refusals are common in a buffer this small: 30 rows per env).
+  assert min(outcomes.values()) >= 5, outcomes
+
+
+def test_sample_ahead_refuses_prioritized_and_bad_counts():
+  buffer = make(replay_lib.PrioritizedReplayBuffer)
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    buffer.add(*random_step(rng, 1, (3, 2), p_end=0.0))
+  state = buffer.rng_state
+  assert buffer.sample_ahead(4) is None  # later priorities decide the draw
+  assert buffer.rng_state == state
+  with pytest.raises(ValueError, match='adds must be an integer >= 0'):
+    make().sample_ahead(-1)
+
+
 @pytest.mark.parametrize('cls', [replay_lib.ReplayBuffer, replay_lib.PrioritizedReplayBuffer])
 def test_save_load_round_trip_gives_identical_samples(cls, tmp_path):
   rng = np.random.default_rng(0)
