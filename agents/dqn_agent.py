@@ -12,12 +12,27 @@ Its batched `select_actions` / `record` serve any number of environments with
 the replay ratio of the single-env protocol (one update per `update_period`
 agent steps, counted over all envs).
 
-With `async_acting`, actions are chosen on a second host device (see
-`agents.devices`) with the params the latest learner call started from, so
-action selection and environment steps run while the update runs: every
-action is one gradient step (one learner call) stale, by a fixed rule, so runs
-stay reproducible. Each phase starts from the current params. Off by default,
-which keeps Dopamine's exact semantics.
+With `pipeline_updates` (on by default; uniform replay), the update due
+`update_period` agent steps from now is started now: its batch is drawn ahead
+(`ReplayBuffer.sample_ahead`: the same random numbers and arrays the draw at
+its due step gives, or nothing when that draw would read a record still to be
+written) and its gradient step dispatched, while actions for the steps in
+between are chosen on a second host device (see `agents.devices`) with the
+params of the updates already due. The results are kept only when the update
+falls due at the predicted step; otherwise (a phase ends first, envs idle)
+they are dropped and the replay's generator put back. Semantics are Dopamine's
+exactly, and so are the numbers: a run gives the same metrics with and without
+it; only the host and the learner overlap. It applies on CPU learners (on an
+accelerator, acting would queue behind the started update or run on the host
+from copied params, which is unmeasured).
+
+With `async_acting`, actions are chosen on the second host device with the
+params the latest learner call started from, so action selection and
+environment steps run while the update runs: every action is one gradient step
+(one learner call) stale, by a fixed rule, so runs stay reproducible. Each
+phase starts from the current params. Off by default: it changes the
+protocol, and it is the overlap that prioritized replay can have (its next
+draw depends on the running step's priorities, so it cannot be drawn ahead).
 
 Update schedule: one gradient step per `update_period` agent steps once the
 replay holds more than `min_replay_history` transitions, counted within each
@@ -34,7 +49,7 @@ sync every `target_update_period` agent steps.
 """
 
 import functools
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax
 import gin
@@ -205,6 +220,14 @@ def fuse_train_steps(train_step):
   return train_steps
 
 
+class _Lookahead(NamedTuple):
+  """Gradient steps started before they fall due (`pipeline_updates`)."""
+  due_at: Tuple[int, int]  # (replay add_count, number of steps) when due
+  state: TrainState  # the learner state after them
+  metrics: Dict[str, Any]
+  rng_state: dict  # the replay generator's state before their draw
+
+
 @gin.configurable
 class DQNAgent:
   """Dopamine's JaxDQNAgent interface over the functional core."""
@@ -232,7 +255,8 @@ class DQNAgent:
                replay_scheme: str = 'uniform',
                double_dqn: bool = False,
                log_expert_metrics: bool = True,
-               async_acting: bool = False):
+               async_acting: bool = False,
+               pipeline_updates: bool = True):
     if loss_type not in losses.LOSSES:
       raise ValueError(f"DQNAgent.loss_type='{loss_type}' is unknown: use one "
                        f"of {', '.join(losses.LOSSES)}.")
@@ -272,7 +296,15 @@ class DQNAgent:
     self._prioritized = replay_scheme == 'prioritized'
 
     self.async_acting = async_acting
-    self._acting_device = devices.acting_device() if async_acting else None
+    # Drawing ahead needs uniform replay; async acting overlaps in its own way.
+    # On an accelerator, acting would queue behind the started update there,
+    # or run on the host from copied params: unmeasured, so the pipeline is off.
+    self.pipeline_updates = (pipeline_updates and not async_acting
+                             and not self._prioritized
+                             and devices.learner_device().platform == 'cpu')
+    # Acting runs on its own device whenever it may overlap a learner call.
+    self._acting_device = (devices.acting_device() if self.overlaps_learner
+                           else None)
     rng = jax.random.PRNGKey(seed)
     rng, init_rng, state_rng = jax.random.split(rng, 3)
     self._rng = self._on_acting_device(rng)
@@ -309,7 +341,8 @@ class DQNAgent:
     self.train_step_fn = train_step  # pure, for vmapping across seeds
     self.train_step = self._jit_learner_call(train_step)
     self.train_steps = self._jit_learner_call(fuse_train_steps(train_step))
-    self._acting_params = None  # with async_acting: the params acting uses
+    self._acting_params = None  # on the acting device: the params acting uses
+    self._lookahead = None  # the next due update, started early (pipeline)
     self.training_steps = 0  # agent steps seen while training (all envs)
     self._update_credit = 0.0
     self.pending_updates = 0  # gradient steps due but not yet run
@@ -324,17 +357,27 @@ class DQNAgent:
   def _td_loss(self, loss_fn, out_tm1, target_t, online_t, batch):
     return dqn_td_loss(loss_fn, out_tm1, target_t, online_t, batch)
 
-  # -- Acting params (async_acting). ------------------------------------------
+  # -- Acting params (async_acting, pipeline_updates). --------------------------
+  @property
+  def overlaps_learner(self) -> bool:
+    """Whether acting may run while a learner call runs (async acting, or
+    the pipeline), so acting uses its own device and the learner never waits."""
+    return self.async_acting or self.pipeline_updates
+
   def _jit_learner_call(self, step):
     """Jits `step(state, batch)`, donating the learner state to it, except
-    with async acting: acting then reads the params a learner call started
-    from, in place (`_on_acting_device`), so no call may overwrite them.
+    when acting overlaps the learner: acting then reads params a learner call
+    started from, in place (`_on_acting_device`), so no call may overwrite
+    them, and the pipeline may drop a call's results and keep its input.
     (Donating all but the online params measured 15% slower on Rainbow's
     update than donating nothing.)"""
-    return jax.jit(step) if self.async_acting else jax.jit(step, donate_argnums=0)
+    if self.overlaps_learner:
+      return jax.jit(step)
+    return jax.jit(step, donate_argnums=0)
 
   def _on_acting_device(self, tree):
-    """`tree` on the acting device; `tree` itself without async acting.
+    """`tree` on the acting device; `tree` itself when acting does not
+    overlap the learner.
 
     Goes through host views of the buffers (waiting until they are ready):
     on CPU the acting arrays then alias the learner's, with no copy. A
@@ -342,19 +385,20 @@ class DQNAgent:
     call (XLA:CPU runs a device's work in order) and stretch it. Aliasing is
     safe because learner calls never donate the online params (above).
     """
-    if not self.async_acting:
+    if self._acting_device is None:
       return tree
     host = jax.tree_util.tree_map(np.asarray, tree)
     return jax.device_put(host, self._acting_device)
 
   def _refresh_acting_params(self) -> None:
-    if self.async_acting:
+    if self._acting_device is not None:
       self._acting_params = self._on_acting_device(self.state.online_params)
 
   def start_phase(self, eval_mode: bool) -> None:
     """Called by the runner at the start of a training or evaluation phase:
     acting starts from the current params, the update schedule from zero."""
     self.eval_mode = eval_mode
+    self.drop_lookahead()  # its prediction assumed the schedule went on
     self._refresh_acting_params()
     if not eval_mode:
       self._update_credit = 0.0
@@ -370,9 +414,12 @@ class DQNAgent:
 
   def select_actions(self, observations: np.ndarray) -> np.ndarray:
     """observations [N, ...] stacked states -> actions [N] (epsilon-greedy)."""
-    if self.async_acting and self._acting_params is None:
-      self._refresh_acting_params()
-    params = self._acting_params if self.async_acting else self.state.online_params
+    if self._acting_device is None:
+      params = self.state.online_params
+    else:
+      if self._acting_params is None:
+        self._refresh_acting_params()
+      params = self._acting_params
     actions, self._rng = self._act(params, observations, self._rng,
                                    self.epsilon(), deterministic=self.eval_mode)
     return np.asarray(actions)
@@ -419,30 +466,90 @@ class DQNAgent:
     With uniform replay, K > 1 due steps (several envs) run fused in one
     jitted scan over K pre-sampled batches, numerically the same as K
     sequential steps. Prioritized replay runs them one by one, since each
-    step's new priorities shape the next sample.
+    step's new priorities shape the next sample. With the pipeline, steps
+    started early for this record are kept, and the next due ones started.
     """
     k, self.pending_updates = self.pending_updates, 0
     if not k:
       return
     acting_params = self.state.online_params  # what these steps start from
-    if k > 1 and not self._prioritized:
-      batches = [self.replay.sample() for _ in range(k)]
-      for batch in batches:
-        batch.pop('indices')
-      stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
-      self.state, metrics = self.train_steps(self.state, stacked)
-      self._accumulate({key: value[-1] if key == GRAM_KEY else value.mean(0)
-                        for key, value in metrics.items()}, k)
+    lookahead, self._lookahead = self._lookahead, None
+    if lookahead is not None and lookahead.due_at == (self.replay.add_count, k):
+      self.state = lookahead.state
+      self._accumulate(lookahead.metrics, k)
+    elif not self._prioritized:
+      if lookahead is not None:  # predicted for another record: as if never run
+        self.replay.rng_state = lookahead.rng_state
+      self._train_uniform([self.replay.sample() for _ in range(k)])
     else:
       for _ in range(k):
         self.train_once()
-    if self.async_acting:
-      # Taken once the steps are queued, so the learner never idles while
-      # the host waits here for the previous call's params; acting then
-      # goes on while these steps run.
-      self._acting_params = self._on_acting_device(acting_params)
+    if self.pipeline_updates and not self.defer_updates:
+      self._start_next_due()
+    if self._acting_device is not None:
+      # Taken once the next steps are queued, so the learner never idles while
+      # the host waits here for params; acting then goes on while they run.
+      # Async acting takes the params these steps started from, the pipeline
+      # (exact) the params they produce.
+      self._acting_params = self._on_acting_device(
+          acting_params if self.async_acting else self.state.online_params)
+
+  def _train_uniform(self, batches) -> None:
+    """Dispatches one gradient step per batch (fused when several) from
+    `self.state`; the metrics join the sums."""
+    self.state, metrics = self._dispatch_uniform(self.state, batches)
+    self._accumulate(metrics, len(batches))
+
+  def _dispatch_uniform(self, state, batches):
+    """(new state, metrics as `_accumulate` takes them) of the steps."""
+    for batch in batches:
+      batch.pop('indices')
+    if len(batches) == 1:
+      return self.train_step(state, batches[0])
+    stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+    state, metrics = self.train_steps(state, stacked)
+    return state, {key: value[-1] if key == GRAM_KEY else value.mean(0)
+                   for key, value in metrics.items()}
+
+  def _next_due(self):
+    """(records from now, gradient steps) of the next record at which
+    updates fall due if every env stays active; None before the replay holds
+    `min_replay_history`. Replays `record`'s own float arithmetic."""
+    credit = self._update_credit
+    for records in range(1, self.update_period + 1):
+      credit += self.num_envs / self.update_period
+      due = int(credit)
+      if due:
+        break
+    if (self.replay.add_count + records) * self.num_envs <= self.min_replay_history:
+      return None
+    return records, due
+
+  def _start_next_due(self) -> None:
+    """Draws the batches of the next due update ahead and dispatches its
+    steps from the current state, if the draw is possible now."""
+    next_due = self._next_due()
+    if next_due is None:
+      return
+    records, k = next_due
+    rng_state = self.replay.rng_state
+    batches = self.replay.sample_ahead(records, k)
+    if batches is None:
+      return
+    state, metrics = self._dispatch_uniform(self.state, batches)
+    self._lookahead = _Lookahead(due_at=(self.replay.add_count + records, k),
+                                 state=state, metrics=metrics,
+                                 rng_state=rng_state)
+
+  def drop_lookahead(self) -> None:
+    """Drops the update started early, putting the replay's generator back
+    (before anything else samples, or a checkpoint saves it)."""
+    if self._lookahead is not None:
+      self.replay.rng_state = self._lookahead.rng_state
+      self._lookahead = None
 
   def train_once(self) -> None:
+    """One gradient step on a fresh sample (the prioritized path)."""
     self.write_priorities()
     batch = self.replay.sample()
     indices = batch.pop('indices')
@@ -515,6 +622,7 @@ class DQNAgent:
   # -- Checkpointing. --------------------------------------------------------
   def checkpoint_state(self) -> Dict[str, Any]:
     self.write_priorities()  # the saved replay holds every step's priorities
+    self.drop_lookahead()  # the saved generator is the one sample() goes on from
     return {'train_state': self.state, 'rng': self._rng}
 
   def checkpoint_values(self) -> Dict[str, Any]:
@@ -527,4 +635,5 @@ class DQNAgent:
     self.training_steps = int(values['training_steps'])
     self._update_credit = float(values['update_credit'])
     self._acting_params = None
+    self._lookahead = None  # it belonged to the replaced state and replay
     self._pending_priorities = None  # they belonged to the replaced state

@@ -7,9 +7,10 @@ here is asserted in tests. Sections:
   networks  jitted DQN update (Nature CNN, batch 32, Adam, 18 actions) per
             penultimate type, relative to dense; batch-1 action selection.
   agent     end-to-end DQN (dense and Soft MoE) at the Dopamine protocol on
-            Pong (one env, update every 4 agent steps, batch 32), with exact and
-            with async acting: agent steps/s and the share of wall time outside
-            the gradient step; prioritized replay sampling time; peak resident
+            Pong (one env, update every 4 agent steps, batch 32), with the
+            updates pipelined (the default) and serial (Dopamine's order), both
+            exact: agent steps/s and the share of wall time outside the
+            gradient step; prioritized replay sampling time; peak resident
             memory of a 1M-capacity buffer holding 1M frames.
   envs      ALE agent steps/s with random actions, one env and 8 vector envs.
   throughput  collection (batched acting + env + replay, no learning) with 8
@@ -163,8 +164,8 @@ SHORT_EPISODES = 'Runner.max_steps_per_episode = 200'
 
 class _LearnerCallTimer:
   """Makes the agent's learner calls wait for their results, counting them
-  and summing their seconds. Only for exact acting, where the next action
-  waits for each call anyway. `stop` restores the agent's own calls."""
+  and summing their seconds. Only for serial updates (no pipeline, no async
+  acting), where the next action waits for each call anyway. `stop` restores the agent's own calls."""
 
   def __init__(self, agent):
     self.agent, self.calls, self.seconds = agent, 0, 0.0
@@ -188,9 +189,9 @@ def _protocol_run(gin_file: str, bindings: Sequence[str], steps: int) -> Dict[st
   """One timed training iteration after a warm-up one (replay past its
   200-transition min history, everything compiled).
 
-  The share of wall time outside the gradient step: with exact acting,
+  The share of wall time outside the gradient step: with serial updates,
   1 - (seconds inside the learner calls, timed in the loop) / wall time;
-  with async acting, where acting overlaps the calls, 1 - updates x
+  where acting overlaps the calls (the pipeline, async acting), 1 - updates x
   (isolated update time) / wall time, the isolated time measured just before
   and just after the timed iteration (mean of the two medians).
   """
@@ -202,7 +203,7 @@ def _protocol_run(gin_file: str, bindings: Sequence[str], steps: int) -> Dict[st
   runner.run_iteration(0)
   before = _isolated_update_seconds(agent)
   updates_before = int(agent.state.step)
-  timer = None if agent.async_acting else _LearnerCallTimer(agent)
+  timer = None if agent.overlaps_learner else _LearnerCallTimer(agent)
   start = time.perf_counter()
   metrics = runner.run_iteration(1)
   jax.block_until_ready(agent.state)
@@ -228,30 +229,30 @@ def _share_outside(inside_seconds: float, wall_seconds: float) -> float:
   return max(0.0, 1.0 - inside_seconds / wall_seconds)
 
 
-ASYNC = 'DQNAgent.async_acting = True'
+SERIAL = 'DQNAgent.pipeline_updates = False'
 PROTOCOL_CASES = (('dqn_dense', 'dqn.gin', []),
-                  ('dqn_dense_async', 'dqn.gin', [ASYNC]),
+                  ('dqn_dense_serial', 'dqn.gin', [SERIAL]),
                   ('dqn_softmoe', 'dqn_softmoe.gin', []),
-                  ('dqn_softmoe_async', 'dqn_softmoe.gin', [ASYNC]))
+                  ('dqn_softmoe_serial', 'dqn_softmoe.gin', [SERIAL]))
 
 
 def bench_agent(steps: int = 600, stream=None, memory: bool = True) -> Dict[str, Any]:
   """End-to-end DQN on Pong at the Dopamine protocol (one env, an update every
-  4 agent steps, batch 32), with Dopamine's exact acting and with async
-  acting (`DQNAgent.async_acting`: actions one gradient step stale, chosen on
-  a second host device while the update runs)."""
+  4 agent steps, batch 32), with the updates pipelined (`DQNAgent.
+  pipeline_updates`, the default: the next update drawn ahead and run while
+  the agent acts) and serial (Dopamine's order); the same numbers either way."""
   result = {}
   for label, gin_file, extra in PROTOCOL_CASES:
     result[label] = _protocol_run(gin_file, extra, steps)
     _log(stream, f'bench agent: {label} done')
-  # An async run's reference update time is the mean of the isolated
+  # A pipelined run's reference update time is the mean of the isolated
   # measurements of both runs of its network (four medians, not two).
   for network in ('dqn_dense', 'dqn_softmoe'):
-    exact, async_row = result[network], result[network + '_async']
-    update_ms = (exact['isolated_update_ms'] + async_row['isolated_update_ms']) / 2
-    async_row['isolated_update_ms'] = update_ms
-    async_row['share_outside_gradient_step'] = _share_outside(
-        async_row['updates'] * update_ms / 1e3, async_row['wall_seconds'])
+    serial, piped = result[network + '_serial'], result[network]
+    update_ms = (serial['isolated_update_ms'] + piped['isolated_update_ms']) / 2
+    piped['isolated_update_ms'] = update_ms
+    piped['share_outside_gradient_step'] = _share_outside(
+        piped['updates'] * update_ms / 1e3, piped['wall_seconds'])
   gin.clear_config()
   result['prioritized_sample_ms'] = _bench_sampling()
   if memory:
@@ -418,7 +419,7 @@ def run(sections: Optional[List[str]] = None, quick: bool = False,
 
 
 def _share(row: Dict[str, float]) -> str:
-  if 'in_loop_update_ms' in row:  # exact acting: learner calls timed in the loop
+  if 'in_loop_update_ms' in row:  # serial updates: learner calls timed in the loop
     how = (f"{row['updates']} updates of {row['in_loop_update_ms']:.1f} ms in the "
            f"loop, {row['isolated_update_ms']:.1f} ms isolated")
   else:
@@ -444,7 +445,7 @@ def format_report(results: Dict[str, Any]) -> str:
   if 'agent' in results:
     agent = results['agent']
     lines.append('\nEnd to end, Pong, Dopamine protocol (1 env, update every 4 steps, '
-                 'batch 32); async = actions one update stale, on a second device:')
+                 'batch 32), exact; updates pipelined (default) or serial:')
     for label, _, _ in PROTOCOL_CASES:
       lines.append(f'{label:<18} {_share(agent[label])}')
     lines.append(f"prioritized replay sample (batch 32, 1M capacity): "

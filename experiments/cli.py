@@ -333,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
                  const='envs', help='environment steps/s, single and vector')
   p.add_argument('--throughput', dest='sections', action='append_const',
                  const='throughput',
-                 help='vector envs, fused updates, async acting, many seeds')
+                 help='vector envs, fused updates, many seeds')
   p.add_argument('--quick', action='store_true', help='fewer repetitions')
   p.add_argument('--json', action='store_true')
   p.set_defaults(func=cmd_bench)

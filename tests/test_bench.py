@@ -44,24 +44,24 @@ def test_report_names_every_figure():
   assert bench.format_report(json.loads(json.dumps(results))) == report
 
 
-def test_protocol_run_times_learner_calls_in_the_loop_with_exact_acting():
+def test_protocol_run_times_learner_calls_in_the_loop_with_serial_updates():
   cartpole = ['DQNAgent.update_period = 4', "Runner.schedule = 'continuous_train'"]
-  exact = bench._protocol_run('cartpole_dqn.gin', cartpole, 400)
-  asynchronous = bench._protocol_run('cartpole_dqn.gin', [*cartpole, bench.ASYNC], 400)
-  for row in (exact, asynchronous):
+  exact = bench._protocol_run('cartpole_dqn.gin', [*cartpole, bench.SERIAL], 400)
+  piped = bench._protocol_run('cartpole_dqn.gin', cartpole, 400)
+  for row in (exact, piped):
     # The timed iteration's gradient steps: one per 4 agent steps; the phase
     # ends with its last episode, at most 200 steps (the cap) past 400.
     assert 400 // 4 <= row['updates'] <= (400 + 200) // 4
     assert 0.0 <= row['share_outside_gradient_step'] < 1.0
     assert row['isolated_update_ms'] > 0
-  # Exact acting: the seconds of the timed iteration's learner calls (one per
+  # Serial updates: the seconds of the timed iteration's learner calls (one per
   # gradient step, none of the isolated ones), a part of the wall time.
   assert exact['learner_calls'] == exact['updates']
   inside = exact['in_loop_update_ms'] * exact['updates'] / 1e3
   assert 0 < inside < exact['wall_seconds']
   assert abs(exact['share_outside_gradient_step'] - (1 - inside / exact['wall_seconds'])) < 1e-9
-  # Async acting overlaps the calls: only the isolated reference applies.
-  assert 'in_loop_update_ms' not in asynchronous
+  # The pipeline overlaps the calls: only the isolated reference applies.
+  assert 'in_loop_update_ms' not in piped
 
 
 def test_timed_learner_calls_return_what_the_calls_return():

@@ -512,6 +512,40 @@ def test_async_acting_acts_on_its_own_device_one_learner_call_stale():
   assert _leaves_equal(agent._acting_params, agent.state.online_params)
 
 
+def test_pipeline_starts_the_next_update_and_acts_with_the_due_ones_params():
+  from agents import devices  # pylint: disable=g-import-not-at-top
+  agent = _make_agent(min_replay_history=16, update_period=4, replay_capacity=4000)
+  assert agent.pipeline_updates and agent.overlaps_learner
+  rng = np.random.default_rng(9)
+  _fill_replay(agent, 1000, rng)  # a replay the next draws rarely reach the end of
+  agent.start_phase(eval_mode=False)
+  _fill_replay(agent, 4, rng)  # one step due: run, and the next one started
+  assert int(agent.state.step) == 1 + (1000 - 16) // 4
+  lookahead = agent._lookahead
+  assert lookahead is not None
+  assert lookahead.due_at == (agent.replay.add_count + 4, 1)
+  assert int(lookahead.state.step) == int(agent.state.step) + 1
+  # Acting is exact: the params of every update due so far, on its own device.
+  obs = rng.normal(size=(1, OBS_DIM)).astype(np.float32)
+  agent.select_actions(obs)
+  assert _leaves_equal(agent._acting_params, agent.state.online_params)
+  leaf = jax.tree_util.tree_leaves(agent._acting_params)[0]
+  assert leaf.devices() == {devices.acting_device()}
+  # Three records later nothing is due yet; the fourth takes the started step.
+  _fill_replay(agent, 3, rng)
+  assert agent._lookahead is lookahead
+  _fill_replay(agent, 1, rng)
+  assert _leaves_equal(agent.state.online_params, lookahead.state.online_params)
+  # A new phase drops the step started next and puts the replay's generator
+  # back to its state before that step's draw.
+  started = agent._lookahead
+  assert started is not None and started is not lookahead
+  advanced = agent.replay.rng_state
+  agent.start_phase(eval_mode=True)
+  assert agent._lookahead is None
+  assert agent.replay.rng_state == started.rng_state != advanced
+
+
 def test_async_acting_is_reproducible():
   runs = []
   for _ in range(2):
