@@ -2,10 +2,10 @@
 
 XLA:CPU runs the computations of one device in order: an action selected
 while a gradient step runs waits for that step. moerl therefore asks JAX for
-`HOST_DEVICES` CPU devices when `agents` is imported, so that
-`DQNAgent.async_acting` can select actions on a second device while the first
-runs the update, and `SeedGroup` can spread seeds over both. Computations
-still default to the first device, so nothing else changes.
+`HOST_DEVICES` CPU devices when `agents` is imported, so that a `DQNAgent`
+(pipelined updates, async acting) can select actions on a second device
+while the first runs the update, and `SeedGroup` can spread seeds over both.
+Computations still default to the first device, so nothing else changes.
 
 The request is skipped, leaving JAX as it is, when the user already chose a
 count (`XLA_FLAGS=--xla_force_host_platform_device_count=N` or the

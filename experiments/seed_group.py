@@ -10,8 +10,10 @@ are spread over the host devices, see `SeedGroup`). Seeds advance in
 lockstep, one env step each; a seed whose phase has ended waits for the
 others (it takes no steps), so its replay and rngs are those of a lone run.
 Since the update schedule restarts with each training phase (`DQNAgent`),
-the seeds' gradient steps fall in the same rounds. Acting is synchronous
-(`DQNAgent.async_acting` applies to lone runs and is refused here).
+the seeds' gradient steps fall in the same rounds. Acting and updates are
+serial, in Dopamine's order: `DQNAgent.pipeline_updates` applies to lone runs
+(the group runs its seeds' updates itself), and `DQNAgent.async_acting` is
+refused here.
 """
 
 from typing import Any, Dict, List, Sequence
