@@ -515,12 +515,15 @@ class DQNAgent:
     """(records from now, gradient steps) of the next record at which
     updates fall due if every env stays active; None before the replay holds
     `min_replay_history`. Replays `record`'s own float arithmetic."""
-    credit = self._update_credit
-    for records in range(1, self.update_period + 1):
+    credit, records, due = self._update_credit, 0, 0
+    # Float sums can fall just short (ten 0.1s make 0.9999999999999999), so
+    # a step may come one record later than update_period / num_envs says.
+    while not due and records <= 2 * self.update_period:
+      records += 1
       credit += self.num_envs / self.update_period
       due = int(credit)
-      if due:
-        break
+    if not due:
+      return None
     if (self.replay.add_count + records) * self.num_envs <= self.min_replay_history:
       return None
     return records, due
@@ -635,5 +638,8 @@ class DQNAgent:
     self.training_steps = int(values['training_steps'])
     self._update_credit = float(values['update_credit'])
     self._acting_params = None
-    self._lookahead = None  # it belonged to the replaced state and replay
+    # A lookahead belonged to the replaced state. Its draw is not put back: the
+    # caller restores the replay too (the Runner builds its restore template
+    # with checkpoint_state, which drops the lookahead before the replay loads).
+    self._lookahead = None
     self._pending_priorities = None  # they belonged to the replaced state

@@ -400,6 +400,8 @@ class ReplayBuffer:
     sample() calls draw as if this call had never been made. Nothing may sample in between.
     """
     _require(_is_int(adds) and adds >= 0, f'adds must be an integer >= 0, got {adds!r}.')
+    _require(_is_int(num_batches) and num_batches >= 1,
+             f'num_batches must be an integer >= 1, got {num_batches!r}.')
     start_state, add_count = self.rng_state, self.add_count
     first_written = self.cursor()  # the adds write rows first_written, first_written + 1, ...
     self.add_count, self._drawn = add_count + adds, []

@@ -131,9 +131,12 @@ def _isolated_update_seconds(agent, repeats: int = 10) -> float:
   steps (uniform replay, K = num_envs // update_period), K fused steps / K.
 
   The steps run on the agent's own learner state, whose buffers the loop's
-  steps use (donated in place), so both are timed on the same memory. They
-  advance that state, which is harmless for the throwaway agents timed here.
+  steps use (donated in place, unless acting overlaps the learner), so both
+  are timed on the same memory. They advance that state, which is harmless
+  for the throwaway agents timed here. An update the pipeline started early
+  is dropped first (with its draw put back), as a phase's end would.
   """
+  agent.drop_lookahead()
   fused = max(1, agent.num_envs // agent.update_period)
   if agent._prioritized:  # pylint: disable=protected-access
     fused = 1  # prioritized steps run one by one (agents.dqn_agent)

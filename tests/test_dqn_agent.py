@@ -546,6 +546,22 @@ def test_pipeline_starts_the_next_update_and_acts_with_the_due_ones_params():
   assert agent.replay.rng_state == started.rng_state != advanced
 
 
+@pytest.mark.parametrize('update_period', [4, 10])  # 1/10 is inexact in binary
+def test_pipeline_predicts_the_record_its_update_falls_due_at(update_period):
+  agent = _make_agent(min_replay_history=16, update_period=update_period,
+                      replay_capacity=4000)
+  rng = np.random.default_rng(update_period)
+  _fill_replay(agent, 1000, rng)
+  for _ in range(3):  # three due records in a row, each started ahead
+    lookahead = agent._lookahead
+    assert lookahead is not None
+    steps = int(agent.state.step)
+    while int(agent.state.step) == steps:
+      _fill_replay(agent, 1, rng)
+    assert lookahead.due_at == (agent.replay.add_count, 1)
+    assert _leaves_equal(agent.state.online_params, lookahead.state.online_params)
+
+
 def test_async_acting_is_reproducible():
   runs = []
   for _ in range(2):

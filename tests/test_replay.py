@@ -392,6 +392,8 @@ def test_sample_ahead_refuses_prioritized_and_bad_counts():
   assert buffer.rng_state == state
   with pytest.raises(ValueError, match='adds must be an integer >= 0'):
     make().sample_ahead(-1)
+  with pytest.raises(ValueError, match='num_batches must be an integer >= 1'):
+    make().sample_ahead(1, 0)
 
 
 @pytest.mark.parametrize('cls', [replay_lib.ReplayBuffer, replay_lib.PrioritizedReplayBuffer])
