@@ -46,8 +46,8 @@ def test_report_names_every_figure():
 
 def test_protocol_run_times_learner_calls_in_the_loop_with_serial_updates():
   cartpole = ['DQNAgent.update_period = 4', "Runner.schedule = 'continuous_train'"]
-  exact = bench._protocol_run('cartpole_dqn.gin', [*cartpole, bench.SERIAL], 400)
-  piped = bench._protocol_run('cartpole_dqn.gin', cartpole, 400)
+  exact = bench._protocol_run('cartpole_dqn.gin', cartpole, 400)
+  piped = bench._protocol_run('cartpole_dqn.gin', [*cartpole, bench.PIPELINED], 400)
   for row in (exact, piped):
     # The timed iteration's gradient steps: one per 4 agent steps; the phase
     # ends with its last episode, at most 200 steps (the cap) past 400.

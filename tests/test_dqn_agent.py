@@ -514,7 +514,8 @@ def test_async_acting_acts_on_its_own_device_one_learner_call_stale():
 
 def test_pipeline_starts_the_next_update_and_acts_with_the_due_ones_params():
   from agents import devices  # pylint: disable=g-import-not-at-top
-  agent = _make_agent(min_replay_history=16, update_period=4, replay_capacity=4000)
+  agent = _make_agent(min_replay_history=16, update_period=4, replay_capacity=4000,
+                      pipeline_updates=True)
   assert agent.pipeline_updates and agent.overlaps_learner
   rng = np.random.default_rng(9)
   _fill_replay(agent, 1000, rng)  # a replay the next draws rarely reach the end of
@@ -549,7 +550,7 @@ def test_pipeline_starts_the_next_update_and_acts_with_the_due_ones_params():
 @pytest.mark.parametrize('update_period', [4, 10])  # 1/10 is inexact in binary
 def test_pipeline_predicts_the_record_its_update_falls_due_at(update_period):
   agent = _make_agent(min_replay_history=16, update_period=update_period,
-                      replay_capacity=4000)
+                      replay_capacity=4000, pipeline_updates=True)
   rng = np.random.default_rng(update_period)
   _fill_replay(agent, 1000, rng)
   for _ in range(3):  # three due records in a row, each started ahead
