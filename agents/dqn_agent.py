@@ -476,17 +476,20 @@ class DQNAgent:
     if not k:
       return
     acting_params = self.state.online_params  # what these steps start from
-    lookahead, self._lookahead = self._lookahead, None
+    lookahead = self._lookahead
     if lookahead is not None and lookahead.due_at == (self.replay.add_count, k):
+      self._lookahead = None
       self.state = lookahead.state
       self._accumulate(lookahead.metrics, k)
-    elif not self._prioritized:
-      if lookahead is not None:  # predicted for another record: as if never run
-        self.replay.rng_state = lookahead.rng_state
-      self._train_uniform([self.replay.sample() for _ in range(k)])
     else:
-      for _ in range(k):
-        self.train_once()
+      self.drop_lookahead()  # predicted for another record: as if never run
+      if self._prioritized:
+        for _ in range(k):
+          self.train_once()
+      else:
+        batches = [self.replay.sample() for _ in range(k)]
+        self.state, metrics = self._dispatch_uniform(self.state, batches)
+        self._accumulate(metrics, k)
     if self.pipeline_updates and not self.defer_updates:
       self._start_next_due()
     if self._acting_device is not None:
@@ -497,14 +500,9 @@ class DQNAgent:
       self._acting_params = self._on_acting_device(
           acting_params if self.async_acting else self.state.online_params)
 
-  def _train_uniform(self, batches) -> None:
-    """Dispatches one gradient step per batch (fused when several) from
-    `self.state`; the metrics join the sums."""
-    self.state, metrics = self._dispatch_uniform(self.state, batches)
-    self._accumulate(metrics, len(batches))
-
   def _dispatch_uniform(self, state, batches):
-    """(new state, metrics as `_accumulate` takes them) of the steps."""
+    """Dispatches one gradient step per batch (fused when several) from
+    `state`: (new state, metrics as `_accumulate` takes them)."""
     for batch in batches:
       batch.pop('indices')
     if len(batches) == 1:
