@@ -412,19 +412,18 @@ class ReplayBuffer:
       batches = None
     finally:
       self.add_count, self._drawn = add_count, None
+    if batches is not None and adds:
+      c = self._capacity_per_env
+      reach = self._stack_size + self._update_horizon  # rows read per candidate
+      first_read = (drawn // self._num_envs - (self._stack_size - 1)) % c
+      # Two circular row ranges [a, a + L) and [b, b + M) meet iff (b - a) % c < L or
+      # (a - b) % c < M.
+      meets = (((first_written - first_read) % c < reach)
+               | ((first_read - first_written) % c < adds))
+      if meets.any():
+        batches = None
     if batches is None:
       self.rng_state = start_state
-      return None
-    c = self._capacity_per_env
-    reach = self._stack_size + self._update_horizon  # rows read per candidate
-    first_read = (drawn // self._num_envs - (self._stack_size - 1)) % c
-    # Two circular row ranges [a, a + L) and [b, b + M) meet iff (b - a) % c < L or
-    # (a - b) % c < M.
-    meets = (((first_written - first_read) % c < reach)
-             | ((first_read - first_written) % c < adds))
-    if adds and meets.any():
-      self.rng_state = start_state
-      return None
     return batches
 
   @property

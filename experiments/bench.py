@@ -168,7 +168,8 @@ SHORT_EPISODES = 'Runner.max_steps_per_episode = 200'
 class _LearnerCallTimer:
   """Makes the agent's learner calls wait for their results, counting them
   and summing their seconds. Only for serial updates (no pipeline, no async
-  acting), where the next action waits for each call anyway. `stop` restores the agent's own calls."""
+  acting), where the next action waits for each call anyway. `stop` restores
+  the agent's own calls."""
 
   def __init__(self, agent):
     self.agent, self.calls, self.seconds = agent, 0, 0.0
