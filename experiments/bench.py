@@ -451,7 +451,7 @@ def format_report(results: Dict[str, Any]) -> str:
     lines.append('\nEnd to end, Pong, Dopamine protocol (1 env, update every 4 steps, '
                  'batch 32), exact; updates serial (default) or pipelined:')
     for label, _, _ in PROTOCOL_CASES:
-      lines.append(f'{label:<18} {_share(agent[label])}')
+      lines.append(f'{label:<22} {_share(agent[label])}')
     lines.append(f"prioritized replay sample (batch 32, 1M capacity): "
                  f"{agent['prioritized_sample_ms']:.2f} ms")
     if agent.get('replay_1m_peak_rss_gib') is not None:

@@ -1,8 +1,16 @@
-"""Helpers shared by the MoE layer tests (imported by test modules)."""
+"""Helpers shared by test modules: MoE layers, and trees of arrays compared leaf by leaf."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def assert_trees_equal(a, b):
+  """Same structure, and every leaf the same dtype and values."""
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    assert np.asarray(x).dtype == np.asarray(y).dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def fast_key(seed):

@@ -12,6 +12,7 @@ import pytest
 
 from experiments.checkpoints import Checkpointer, CorruptCheckpointError
 from experiments.run_dir import RunDirError
+from moe_testing import assert_trees_equal
 
 
 class DummyBuffer:
@@ -50,13 +51,6 @@ def _template():
           "replay": DummyBuffer()}
 
 
-def _assert_trees_equal(a, b):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    assert np.asarray(x).dtype == np.asarray(y).dtype
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def _snapshot(directory):
   files = {}
   for root, dirs, names in os.walk(directory):
@@ -79,7 +73,7 @@ def test_round_trip(tmp_path):
   assert ckpt.latest_iteration() == 3
   restored = ckpt.restore(template=_template())
   assert set(restored) == set(saved)
-  _assert_trees_equal(restored["train_state"], saved["train_state"])
+  assert_trees_equal(restored["train_state"], saved["train_state"])
   assert isinstance(restored["train_state"]["online"]["dense"]["kernel"],
                     jax.Array)
   assert isinstance(restored["train_state"]["opt_state"][0],

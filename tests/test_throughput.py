@@ -3,12 +3,12 @@
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
 from experiments import cli, gin_config
 from experiments.runner import Runner
+from moe_testing import assert_trees_equal
 
 CARTPOLE = ['Runner.training_steps = 600', 'DQNAgent.min_replay_history = 200',
             "Runner.schedule = 'continuous_train'", 'Runner.num_iterations = 1']
@@ -241,18 +241,12 @@ def test_pipelined_updates_give_the_serial_runs_numbers(gin_file, num_envs):
         assert a[key] == b[key], key
   updates = int(agent.state.step)
   assert updates == int(serial_agent.state.step) > 100
-  assert _equal_trees(agent.state, serial_agent.state)
+  assert_trees_equal(agent.state, serial_agent.state)
   assert agent.replay.rng_state == serial_agent.replay.rng_state
   # The pipeline ran: about a third of the updates were drawn ahead here (a
   # batch of 128 from a few hundred records often reads the newest rows; from
   # Atari's 20,000 and more with batch 32, few draws are refused).
   assert serial_ahead == 0 and ahead > 0.2 * updates
-
-
-def _equal_trees(a, b):
-  leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-  return len(leaves_a) == len(leaves_b) and all(
-      np.array_equal(x, y) for x, y in zip(leaves_a, leaves_b))
 
 
 def _metrics(path):
