@@ -506,9 +506,11 @@ def _scaling_lines(runs: Sequence[Run]) -> dict[str, list[Run]]:
     return lines
 
 
-def scaling_points(runs: Sequence[Run], metric: str, last_n: int | None, *, reps: int,
+def scaling_points(runs: Sequence[Run], final: dict[tuple, FinalScore], *, reps: int,
                    seed: int, notes: list[str]):
-    """Rows of points: {panel: [(line, scale, num_params, y, lo, hi, n), ...]}."""
+    """Rows of points: {panel: [(line, scale, num_params, y, lo, hi, n), ...]}.
+
+    ``final``: every run's FinalScore (``final_scores``)."""
     panels: dict[str, list[tuple]] = {}
     usable = []
     for r in runs:
@@ -518,7 +520,6 @@ def scaling_points(runs: Sequence[Run], metric: str, last_n: int | None, *, reps
             continue
         usable.append(r)
     lines = _scaling_lines(usable)
-    final = final_scores(runs, metric, last_n, notes)
     points = {(line, scale): [r for r in rs if r.has_hns and r.scale == scale]
               for line, rs in sorted(lines.items())
               for scale in sorted({r.scale for r in rs if r.has_hns})}
@@ -603,11 +604,10 @@ def scaling_figure(panels: dict[str, list[tuple]], colors: dict[str, tuple], met
 # --------------------------------------------------------------------------- summary
 
 
-def summary_rows(runs: Sequence[Run], metric: str, last_n: int | None, *, reps: int,
+def summary_rows(runs: Sequence[Run], final: dict[tuple, FinalScore], *, reps: int,
                  seed: int, notes: list[str]) -> list[dict]:
-    """Rows for summary.csv (see the module docstring)."""
+    """Rows for summary.csv (see the module docstring); ``final`` as for scaling_points."""
     rows: list[dict] = []
-    final = final_scores(runs, metric, last_n, notes)
     for r in runs:
         f = final[r.key]
         rows.append(dict(level="run", variant=r.variant, series=r.series, agent=r.agent,
@@ -700,7 +700,8 @@ def plot_runs(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     metric = choose_metric(runs)
     if metric == "eval":
         notes.append("no training returns logged: plotted evaluation returns")
-    panels = scaling_points(runs, metric, last_n, reps=reps, seed=seed, notes=notes)
+    final = final_scores(runs, metric, last_n, notes)
+    panels = scaling_points(runs, final, reps=reps, seed=seed, notes=notes)
     colors = color_map([r.series for r in runs]
                        + [p[0] for pts in panels.values() for p in pts])
     files: list[str] = []
@@ -723,8 +724,7 @@ def plot_runs(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     else:
         save(fig, "scaling")
     summary = out / "summary.csv"
-    write_summary(summary_rows(runs, metric, last_n, reps=reps, seed=seed, notes=notes),
-                  summary)
+    write_summary(summary_rows(runs, final, reps=reps, seed=seed, notes=notes), summary)
     files.append(str(summary))
     return PlotResult(out_dir=str(out), files=files, summary_csv=str(summary),
                       num_runs=len(runs), metric=metric, notes=list(dict.fromkeys(notes)),

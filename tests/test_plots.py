@@ -174,7 +174,8 @@ def matplotlib_rgba(c):
 def test_scaling_lines_per_penultimate_type(runs_dir):
     root, _ = runs_dir
     runs = plots.load_runs(root)
-    panels = plots.scaling_points(runs, "train", None, reps=100, seed=0, notes=[])
+    final = plots.final_scores(runs, "train", None, [])
+    panels = plots.scaling_points(runs, final, reps=100, seed=0, notes=[])
     atari = panels["Atari: IQM human-normalised score"]
     # A penultimate type run under one variant is labelled by that variant, as
     # in the learning curves, so it keeps one colour across figures.
@@ -254,14 +255,15 @@ def _atari_points(root, games_at_scale):
 def test_scaling_and_aggregates_compare_the_same_games(tmp_path):
     runs = _atari_points(tmp_path, {1: {"pong": 0.1, "breakout": 3.0}, 2: {"pong": 0.1}})
     notes = []
-    panels = plots.scaling_points(runs, "train", None, reps=50, seed=0, notes=notes)
+    final = plots.final_scores(runs, "train", None, [])
+    panels = plots.scaling_points(runs, final, reps=50, seed=0, notes=notes)
     atari = panels["Atari: IQM human-normalised score"]
     assert [(p[1], p[6]) for p in atari] == [(1, 3), (2, 3)]  # 3 seeds x pong only
     for p in atari:
         assert p[3] == pytest.approx(0.1)
     assert any("scaling (Atari panel)" in n and "left out breakout" in n for n in notes)
     notes = []
-    rows = plots.summary_rows(runs, "train", None, reps=50, seed=0, notes=notes)
+    rows = plots.summary_rows(runs, final, reps=50, seed=0, notes=notes)
     aggs = [r for r in rows if r["level"] == "aggregate"]
     assert [(r["series"], r["num_games"], r["num_runs"]) for r in aggs] == [
         ("softmoe (scale 1)", 1, 3), ("softmoe (scale 2)", 1, 3)]
@@ -272,8 +274,9 @@ def test_scaling_and_aggregates_compare_the_same_games(tmp_path):
 def test_no_common_game_skips_the_atari_panel_and_aggregates(tmp_path):
     runs = _atari_points(tmp_path, {1: {"pong": 0.1}, 2: {"breakout": 3.0}})
     notes = []
-    panels = plots.scaling_points(runs, "train", None, reps=50, seed=0, notes=notes)
-    rows = plots.summary_rows(runs, "train", None, reps=50, seed=0, notes=notes)
+    final = plots.final_scores(runs, "train", None, [])
+    panels = plots.scaling_points(runs, final, reps=50, seed=0, notes=notes)
+    rows = plots.summary_rows(runs, final, reps=50, seed=0, notes=notes)
     assert "Atari: IQM human-normalised score" not in panels
     assert not [r for r in rows if r["level"] == "aggregate"]
     assert any(n.startswith("scaling (Atari panel): skipped") for n in notes)
@@ -296,7 +299,8 @@ def test_final_scores_use_the_iterations_all_runs_reached(tmp_path, last_n, want
     (agg,) = [r for r in rows if r["level"] == "aggregate"]
     assert float(agg["iqm"]) == pytest.approx(want)
     runs = plots.load_runs(tmp_path)
-    panels = plots.scaling_points(runs, "train", last_n, reps=50, seed=0, notes=[])
+    final = plots.final_scores(runs, "train", last_n, [])
+    panels = plots.scaling_points(runs, final, reps=50, seed=0, notes=[])
     (point,) = panels["Atari: IQM human-normalised score"]
     assert point[3] == pytest.approx(want)
     assert any(n.startswith("final scores of pong: taken up to iteration 9") and
