@@ -65,6 +65,7 @@ from agents import devices, losses
 from agents.frame_stack import FrameStacker
 from agents.metric_sums import MetricSums
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
+from networks.checks import is_int
 from networks.expert_metrics import GRAM_KEY, expert_metrics, srank_from_gram
 from networks.q_network import NetworkOutput, QNetwork
 
@@ -269,9 +270,20 @@ class DQNAgent:
     for name, value in (('update_period', update_period),
                         ('target_update_period', target_update_period),
                         ('epsilon_decay_period', epsilon_decay_period),
-                        ('update_horizon', update_horizon)):
-      if value < 1:
-        raise ValueError(f'{type(self).__name__}.{name}={value} must be >= 1.')
+                        ('update_horizon', update_horizon),
+                        ('num_envs', num_envs)):
+      if not is_int(value) or value < 1:
+        raise ValueError(f'{type(self).__name__}.{name}={value!r} must be an '
+                         'integer >= 1.')
+    # The first update samples once add_count * num_envs > min_replay_history,
+    # and a record needs the update_horizon records after it stored.
+    if not is_int(min_replay_history) or (min_replay_history <
+                                          update_horizon * num_envs):
+      raise ValueError(
+          f'{type(self).__name__}.min_replay_history={min_replay_history!r} '
+          f'must be an integer >= update_horizon x num_envs '
+          f'({update_horizon} x {num_envs}), so that the first update finds '
+          'a complete transition.')
     self.num_actions = num_actions
     self.observation_shape = tuple(observation_shape)
     self.stack_size = stack_size

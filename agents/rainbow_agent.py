@@ -10,8 +10,14 @@ comes from the noise alone: epsilon is 0 while training (Dopamine's
 `zero_epsilon`) and `epsilon_eval` in evaluation, where the noise is off.
 Without `distributional`, the TD loss defaults to Huber (Dopamine's full
 Rainbow `mse_loss=False`).
+
+Its parameters, the inherited ones too, are bound as `RainbowAgent.*`. A
+`DQNAgent.*` binding would reach a Rainbow agent only for the parameters the
+Rainbow config leaves unbound (Dopamine's full Rainbow reads them all from
+`JaxDQNAgent.*`), so a Rainbow agent refuses to start while one is bound.
 """
 
+import inspect
 from typing import Any, Dict
 
 import gin
@@ -20,6 +26,18 @@ import jax.numpy as jnp
 
 from agents import losses
 from agents.dqn_agent import DQNAgent
+from networks.checks import is_int
+
+
+def _refuse_dqn_bindings() -> None:
+  for name in inspect.signature(DQNAgent.__init__).parameters:
+    try:
+      gin.query_parameter(f'DQNAgent.{name}')
+    except ValueError:  # not bound
+      continue
+    raise ValueError(f'DQNAgent.{name} is bound, but the agent is a '
+                     'RainbowAgent, whose parameters are bound as '
+                     f'RainbowAgent.*: write RainbowAgent.{name} instead.')
 
 
 @gin.configurable
@@ -31,6 +49,13 @@ class RainbowAgent(DQNAgent):
                noisy: bool = True, double_dqn: bool = True,
                replay_scheme: str = 'prioritized', update_horizon: int = 3,
                loss_type: str = 'huber', **kwargs):
+    _refuse_dqn_bindings()
+    if distributional and not (is_int(num_atoms) and num_atoms >= 2):
+      raise ValueError(f'RainbowAgent.num_atoms={num_atoms!r} must be an '
+                       'integer >= 2.')
+    if not v_min < v_max:
+      raise ValueError(f'RainbowAgent.v_min={v_min!r} must be below '
+                       f'v_max={v_max!r}.')
     self.num_atoms = num_atoms if distributional else 1
     self.v_min, self.v_max = v_min, v_max
     self.distributional, self.dueling, self.noisy = distributional, dueling, noisy

@@ -54,6 +54,7 @@ import zipfile
 import numpy as np
 
 from agents import sum_tree as sum_tree_lib
+from networks.checks import is_int as _is_int
 
 _FORMAT_VERSION = 1
 _MAX_SAMPLE_ATTEMPTS = 1000
@@ -62,10 +63,6 @@ _MAX_SAMPLE_ATTEMPTS = 1000
 def _require(condition: bool, message: str) -> None:
   if not condition:
     raise ValueError(message)
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 class ReplayBuffer:

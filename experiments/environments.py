@@ -91,6 +91,8 @@ import ale_py
 import ale_py.roms
 import gymnasium as gym
 
+from networks.checks import is_int
+
 __all__ = [
     "ATARI_GAMES",
     "AtariEnv",
@@ -238,7 +240,7 @@ class AtariEnv:
         if num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {num_threads}")
         for name, value in (("frame_skip", frame_skip), ("screen_size", screen_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(
                     f"create_atari_environment.{name}={value!r} must be an integer >= 1"
                 )

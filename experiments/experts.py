@@ -158,6 +158,8 @@ def run_episodes(runner, num_episodes: int, seed: int, k: Optional[int] = None,
   experts drawn at random at every step. Every mode replays the same env
   seeds and exploration draws.
   """
+  if mode not in ('full', *MODES):
+    raise ValueError(f"mode={mode!r} is unknown: use one of full, {', '.join(MODES)}.")
   agent = runner.agent
   network, params = agent.network, agent.state.online_params
   experts = num_experts_of(network)
@@ -170,7 +172,7 @@ def run_episodes(runner, num_episodes: int, seed: int, k: Optional[int] = None,
     elif mode == 'topk':
       _, scores = expert_scores(network, params, observation)
       q = masked_q_values(network, params, observation, topk_masks(scores, k))
-    else:
+    else:  # 'random'
       q = masked_q_values(network, params, observation,
                           random_masks(1, experts, k, mask_rng))
     action = int(np.argmax(q[0]))

@@ -35,6 +35,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from experiments.run_dir import METRICS_FILE, RunDirError, atomic_write_bytes
+from networks.checks import is_int
 
 
 def _to_python(value: Any, key: str) -> Any:
@@ -187,7 +188,7 @@ class MetricsLogger:
       raise KeyError("metrics need an 'iteration' key (the TensorBoard step).")
     record = {str(k): _to_python(v, str(k)) for k, v in metrics.items()}
     step = record["iteration"]
-    if not isinstance(step, int) or isinstance(step, bool):
+    if not is_int(step):
       raise TypeError(f"metrics['iteration'] must be an int, got {step!r}.")
     line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
     fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

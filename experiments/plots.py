@@ -71,6 +71,7 @@ import numpy as np
 
 from experiments import scores as scores_lib
 from experiments.logger import read_metrics
+from networks.checks import is_int
 
 
 class PlotError(ValueError):
@@ -153,7 +154,7 @@ def _read_metrics(path: Path) -> list[dict]:
     by_iter: dict[int, dict] = {}
     for row in read_metrics(path, lenient=True):
         it = row.get("iteration")
-        if isinstance(it, int) and not isinstance(it, bool):
+        if is_int(it):
             by_iter[it] = row
     return [by_iter[k] for k in sorted(by_iter)]
 
@@ -679,11 +680,10 @@ def plot_runs(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     common horizon (default 10% of the iterations up to it, at least 1).
     ``reps``/``seed``: bootstrap replications and seed for the IQM confidence intervals.
     """
-    if last_n is not None and (isinstance(last_n, bool) or not isinstance(last_n, int)
-                               or last_n < 1):
+    if last_n is not None and (not is_int(last_n) or last_n < 1):
         raise PlotError(f"last_n must be a positive integer, got {last_n!r}; pass --last_n 1 "
                         f"or more")
-    if not isinstance(reps, int) or reps < 1:
+    if not is_int(reps) or reps < 1:
         raise PlotError(f"reps must be a positive integer, got {reps!r}; pass 1 or more")
     notes: list[str] = []
     runs = load_runs(runs_dir, notes)

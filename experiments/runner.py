@@ -33,6 +33,7 @@ from experiments import environments
 from experiments.checkpoints import Checkpointer
 from experiments.logger import MetricsLogger, truncate_metrics
 from experiments.run_dir import RunDir, RunDirError
+from networks.checks import is_int
 from networks.q_network import count_parameters
 
 gin.external_configurable(environments.create_atari_environment,
@@ -175,10 +176,11 @@ class Runner:
                        f"{', '.join(SCHEDULES)}.")
     for name, value in (('num_iterations', num_iterations),
                         ('training_steps', training_steps),
+                        ('evaluation_steps', evaluation_steps),
                         ('num_envs', num_envs)):
-      if value < 1:
-        raise ValueError(f'Runner.{name}={value} must be >= 1.')
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+      if not is_int(value) or value < 1:
+        raise ValueError(f'Runner.{name}={value!r} must be an integer >= 1.')
+    if not is_int(seed) or seed < 0:
       raise ValueError(f'Runner.seed={seed!r} must be an integer >= 0.')
     self.base_dir = base_dir
     self.num_iterations = num_iterations

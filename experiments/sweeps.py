@@ -95,6 +95,7 @@ from typing import Any, Callable, Iterable, Sequence, TextIO
 
 from experiments.run_dir import SWEEP_LOG, RunDirError, atomic_write_json
 from experiments.run_dir import read_status as read_run_status
+from networks.checks import is_int
 
 
 class SweepError(ValueError):
@@ -325,8 +326,7 @@ def _resolve_gin_file(name: str, spec_dir: Path, path: str) -> str:
 
 
 def _check_seeds(raw: Any, path: str) -> tuple[int, ...]:
-    if (not isinstance(raw, list) or not all(isinstance(s, int) and not isinstance(s, bool)
-                                             for s in raw)):
+    if not isinstance(raw, list) or not all(map(is_int, raw)):
         raise SweepError(f"{_where(path)}: 'seeds' must be a list of integers; write it as "
                          f"seeds = [0, 1, 2]")
     if not raw:

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from networks import noisy as noisy_lib
+from networks.checks import is_int
 
 # Xavier-uniform per expert: axis 0 indexes experts and is not part of the fan.
 _EXPERT_INIT = nn.initializers.variance_scaling(
@@ -58,12 +59,10 @@ class Experts(nn.Module):
 def check_expert_args(layer: str, num_experts: int, expert_hidden_units: int,
                       capacity_factor: float) -> None:
   """Rejects out-of-range MoE hyperparameters with one clear message."""
-  if num_experts < 1:
-    raise ValueError(f'{layer}.num_experts={num_experts} is out of range: '
-                     'use an integer >= 1.')
-  if expert_hidden_units < 1:
-    raise ValueError(f'{layer}.expert_hidden_units={expert_hidden_units} is '
-                     'out of range: use an integer >= 1.')
-  if capacity_factor <= 0:
+  for name, value in (('num_experts', num_experts),
+                      ('expert_hidden_units', expert_hidden_units)):
+    if not is_int(value) or value < 1:
+      raise ValueError(f'{layer}.{name}={value!r} must be an integer >= 1.')
+  if not capacity_factor > 0:
     raise ValueError(f'{layer}.capacity_factor={capacity_factor} is out of '
                      'range: use a number > 0.')

@@ -14,6 +14,7 @@ import gin
 import jax.numpy as jnp
 
 from networks import noisy as noisy_lib
+from networks.checks import is_int
 from networks.encoders import XAVIER
 from networks.expert_choice import ExpertChoiceMoE
 from networks.soft_moe import SoftMoE
@@ -27,10 +28,11 @@ class DensePenultimate(nn.Module):
   width_scale: float = 1.0
 
   def __post_init__(self):
-    if self.hidden_units < 1 or self.width_scale <= 0:
+    if not (is_int(self.hidden_units) and self.hidden_units >= 1
+            and self.width_scale > 0):
       raise ValueError(
-          f'DensePenultimate: hidden_units={self.hidden_units} and '
-          f'width_scale={self.width_scale} must be positive.')
+          f'DensePenultimate: hidden_units={self.hidden_units!r} must be an '
+          f'integer >= 1 and width_scale={self.width_scale!r} > 0.')
     super().__post_init__()
 
   @nn.compact
@@ -66,6 +68,9 @@ class TokenMLP(nn.Module):
     if self.reduction not in ('sum', 'mean', 'flatten'):
       raise ValueError(f"TokenMLP.reduction='{self.reduction}' is unknown: use "
                        "one of sum, mean, flatten.")
+    if not is_int(self.hidden_units) or self.hidden_units < 1:
+      raise ValueError(f'TokenMLP.hidden_units={self.hidden_units!r} is out of '
+                       'range: use an integer >= 1.')
     super().__post_init__()
 
   @nn.compact

@@ -22,6 +22,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from networks.checks import is_int
 from networks.experts import Experts, check_expert_args
 
 
@@ -40,7 +41,8 @@ class SoftMoE(nn.Module):
   def __post_init__(self):
     check_expert_args('SoftMoE', self.num_experts, self.expert_hidden_units,
                       self.capacity_factor)
-    if self.slots_per_expert is not None and self.slots_per_expert < 1:
+    if self.slots_per_expert is not None and not (
+        is_int(self.slots_per_expert) and self.slots_per_expert >= 1):
       raise ValueError(f'SoftMoE.slots_per_expert={self.slots_per_expert} is '
                        'out of range: use an integer >= 1, or None to derive '
                        'it from capacity_factor.')

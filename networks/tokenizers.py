@@ -13,11 +13,12 @@ from typing import Tuple
 import flax.linen as nn
 import gin
 
+from networks.checks import is_int
 from networks.encoders import XAVIER
 
 
 def _is_positive_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+  return is_int(value) and value >= 1
 
 
 def _feature_map_shape(name: str, x) -> Tuple[int, int, int, int]:

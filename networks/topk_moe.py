@@ -25,6 +25,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from networks.checks import is_int
 from networks.encoders import XAVIER
 from networks.experts import Experts, check_expert_args
 
@@ -76,7 +77,7 @@ class TopKMoE(nn.Module):
   def __post_init__(self):
     check_expert_args('TopKMoE', self.num_experts, self.expert_hidden_units,
                       self.capacity_factor)
-    if not 1 <= self.k <= self.num_experts:
+    if not (is_int(self.k) and 1 <= self.k <= self.num_experts):
       raise ValueError(f'TopKMoE.k={self.k} is out of range: use 1 <= k <= '
                        f'num_experts ({self.num_experts}).')
     if self.overflow not in OVERFLOW_POLICIES:

@@ -168,3 +168,10 @@ def test_refuses_keep_values_out_of_range(softmoe_run, keep, fragment):
   _assert_usage_error(['experts', '--base_dir', softmoe_run, '--keep', keep],
                       fragment)
   assert os.path.getmtime(os.path.join(softmoe_run, 'config.gin')) == before
+
+
+def test_run_episodes_refuses_an_unknown_mode():
+  # Checked before the runner is touched: a typo never falls through to the
+  # random-k baseline.
+  with pytest.raises(ValueError, match="'top_k' is unknown"):
+    experts.run_episodes(None, 1, seed=0, k=1, mode='top_k')

@@ -222,6 +222,23 @@ def test_dense_baseline_parameter_count():
   assert sum(table.values()) == 4_052_658
 
 
+def test_impala_encoder_shape_and_parameter_count():
+  # Espeholt et al.'s stacks (16, 32, 32): a 3x3 conv, then two residual blocks
+  # of two 3x3 convs each; 84 -> 42 -> 21 -> 11 after the three max-pools.
+  net = QNetwork(num_actions=18, encoder='impala_cnn')
+  params = _count(net)['params']
+  expected, channels_in = 0, 4
+  for channels in (16, 32, 32):
+    expected += 9 * channels_in * channels + channels  # the stack's conv
+    expected += 4 * (9 * channels * channels + channels)  # 2 blocks x 2 convs
+    channels_in = channels
+  assert parameter_table(params)['encoder'] == expected == 97_744
+  features = jax.eval_shape(
+      lambda p, o: net.apply({'params': p}, o, method=lambda m, x: m.encoder(x)),
+      params, jax.ShapeDtypeStruct((2, 84, 84, 4), jnp.uint8))
+  assert features.shape == (2, 11, 11, 32)
+
+
 def test_soft_moe_parameter_count():
   gin.parse_config("""
       SoftMoE.num_experts = 8

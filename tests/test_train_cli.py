@@ -299,8 +299,18 @@ def test_rerunning_a_finished_run_changes_no_results(cartpole_runs, tmp_path):
      ['Runner.seed']),
     (['--gin_files', 'cartpole_dqn_softmoe.gin', '--gin_bindings',
       "SoftMoE.num_experts = 'x'"], ['SoftMoE']),
+    (['--gin_files', 'cartpole_dqn_softmoe.gin', '--gin_bindings',
+      'SoftMoE.num_experts = 2.0'], ['SoftMoE.num_experts=2.0', 'integer']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      'DQNAgent.min_replay_history = 0'], ['min_replay_history=0']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      'Runner.evaluation_steps = -5'], ['Runner.evaluation_steps=-5']),
+    (['--gin_files', 'cartpole_rainbow_softmoe.gin', '--gin_bindings',
+      'DQNAgent.gamma = 0.9'], ['DQNAgent.gamma', 'RainbowAgent.gamma']),
 ], ids=['unknown_game', 'unknown_parameter', 'missing_gin_file',
-        'zero_experts', 'k_above_experts', 'negative_seed', 'experts_not_a_number'])
+        'zero_experts', 'k_above_experts', 'negative_seed', 'experts_not_a_number',
+        'experts_not_an_int', 'no_warmup', 'negative_eval_steps',
+        'dqn_binding_on_rainbow'])
 def test_bad_train_input_is_refused_without_writing(argv, fragments, tmp_path,
                                                     cartpole_runs):
   # A fresh base_dir is not even created ...
