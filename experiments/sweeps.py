@@ -711,6 +711,8 @@ def _execute(cmd: list[str], run_dir: str, procs: set | None = None,
     """Run one command with output appended to run_dir/sweep.log.
 
     Returns (returncode, seconds, error); error is set when the command could not start.
+    Also the Ray backend's task: Ray imports this module on the node that runs it (moerl is
+    installed on every node).
     """
     start = time.monotonic()
     os.makedirs(run_dir, exist_ok=True)
@@ -734,29 +736,6 @@ def _execute(cmd: list[str], run_dir: str, procs: set | None = None,
                 with lock:
                     procs.discard(proc)
     return rc, time.monotonic() - start, None
-
-
-def _ray_task(cmd: list[str], run_dir: str) -> tuple[int | None, float, str | None]:
-    # Self-contained (stdlib only) so that Ray can ship it by value to any node.
-    import datetime as _dt
-    import os as _os
-    import shlex as _shlex
-    import subprocess as _sp
-    import time as _time
-
-    start = _time.monotonic()
-    _os.makedirs(run_dir, exist_ok=True)
-    env = dict(_os.environ, PYTHONUNBUFFERED="1")
-    with open(_os.path.join(run_dir, SWEEP_LOG), "ab") as log:
-        stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-        log.write(f"=== sweep {stamp}: {_shlex.join(cmd)}\n".encode())
-        log.flush()
-        try:
-            rc = _sp.run(cmd, stdout=log, stderr=_sp.STDOUT, stdin=_sp.DEVNULL,
-                         env=env).returncode
-        except OSError as e:
-            return None, _time.monotonic() - start, f"cannot start {cmd[0]!r}: {e.strerror}"
-    return rc, _time.monotonic() - start, None
 
 
 class _Progress:
@@ -1015,7 +994,7 @@ def _run_ray(jobs, out: Path, workers: int, ray_address, command_prefix, cpus_pe
                              f"--ray_address") from None
         started = True
     try:
-        task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run)(_ray_task)
+        task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run)(_execute)
         refs = {task.remote(job.command(out, command_prefix), str(out / job.run.name)): job
                 for job in jobs}
         pending = list(refs)
