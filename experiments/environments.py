@@ -211,7 +211,12 @@ def _check_actions(actions, num_envs: int, num_actions: int) -> np.ndarray:
 
 
 class AtariEnv:
-    """Batched Atari env over ale-py's native ``AtariVectorEnv`` (protocol in module docstring)."""
+    """Batched Atari env over ale-py's native ``AtariVectorEnv`` (protocol in module docstring).
+
+    `frame_skip` and `screen_size` are Dopamine's `AtariPreprocessing` parameters (4 and 84 by
+    default): frames per agent step (max-pooled over the last two) and the side of the square
+    grayscale observation.
+    """
 
     observation_dtype = np.dtype(np.uint8)
 
@@ -346,35 +351,9 @@ class AtariEnv:
         )
 
 
-def create_atari_environment(
-    game_name: str = "Pong",
-    *,
-    sticky_actions: bool = True,
-    num_envs: int = 1,
-    max_steps_per_episode: int | None = 27000,
-    terminal_on_life_loss: bool = False,
-    seed: int = 0,
-    num_threads: int = 0,
-    frame_skip: int = FRAMES_PER_AGENT_STEP,
-    screen_size: int = 84,
-) -> AtariEnv:
-    """Batched Atari environment with the Dopamine protocol (see module docstring).
-
-    `frame_skip` and `screen_size` are Dopamine's `AtariPreprocessing` parameters (4 and
-    84 by default): frames per agent step (max-pooled over the last two) and the side of
-    the square grayscale observation.
-    """
-    return AtariEnv(
-        game_name,
-        sticky_actions=sticky_actions,
-        num_envs=num_envs,
-        max_steps_per_episode=max_steps_per_episode,
-        terminal_on_life_loss=terminal_on_life_loss,
-        seed=seed,
-        num_threads=num_threads,
-        frame_skip=frame_skip,
-        screen_size=screen_size,
-    )
+# Dopamine's factory name, which gin binds (`create_atari_environment.game_name`): the class
+# itself, so that its parameters and defaults are written once.
+create_atari_environment = AtariEnv
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,19 +462,5 @@ class GymEnv:
         return f"GymEnv({self.name!r}, num_envs={self.num_envs})"
 
 
-def create_gym_environment(
-    environment_name: str = "CartPole",
-    version: str = "v1",
-    *,
-    num_envs: int = 1,
-    seed: int = 0,
-    max_steps_per_episode: int | None = None,
-) -> GymEnv:
-    """Batched classic-control environment via ``gymnasium.make`` (see module docstring)."""
-    return GymEnv(
-        environment_name,
-        version,
-        num_envs=num_envs,
-        seed=seed,
-        max_steps_per_episode=max_steps_per_episode,
-    )
+# Dopamine's factory name for gin (`create_gym_environment.environment_name`), as above.
+create_gym_environment = GymEnv
