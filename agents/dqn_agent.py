@@ -77,6 +77,14 @@ class TrainState(flax.struct.PyTreeNode):
   step: jax.Array  # gradient steps taken
   rng: jax.Array
 
+  @classmethod
+  def create(cls, params, optimizer, rng) -> 'TrainState':
+    """Step 0: the target a copy of `params` in its own buffers."""
+    return cls(online_params=params,
+               target_params=jax.tree_util.tree_map(jnp.copy, params),
+               opt_state=optimizer.init(params),
+               step=jnp.zeros((), jnp.int32), rng=rng)
+
 
 @gin.configurable
 def create_optimizer(name: str = 'adam', learning_rate: float = 6.25e-5,
@@ -330,11 +338,7 @@ class DQNAgent:
     params = self.network.init({'params': init_rng, 'noise': init_rng},
                                dummy)['params']
     self.optimizer = create_optimizer()
-    self.state = TrainState(
-        online_params=params,
-        target_params=jax.tree_util.tree_map(jnp.copy, params),  # own buffers
-        opt_state=self.optimizer.init(params),
-        step=jnp.zeros((), jnp.int32), rng=state_rng)
+    self.state = TrainState.create(params, self.optimizer, state_rng)
 
     self._select_action = make_select_action(self.network, num_actions)
 

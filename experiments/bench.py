@@ -69,11 +69,7 @@ def _network_update_fns(bindings: Sequence[str], batch_size: int = 32,
       0, 255, (batch_size, 84, 84, 4), dtype=np.uint8))
   params = network.init(jax.random.PRNGKey(0), obs[:1])['params']
   optimizer = dqn_agent.create_optimizer()
-  state = dqn_agent.TrainState(
-      online_params=params,
-      target_params=jax.tree_util.tree_map(jnp.copy, params),
-      opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
-      rng=jax.random.PRNGKey(1))
+  state = dqn_agent.TrainState.create(params, optimizer, jax.random.PRNGKey(1))
   td = lambda *a: dqn_agent.dqn_td_loss(losses.mse_loss, *a)
   step = jax.jit(dqn_agent.make_train_step(
       network, optimizer, td, target_update_every=2000, double_dqn=False,
