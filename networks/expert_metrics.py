@@ -47,11 +47,13 @@ def srank_from_gram(gram: np.ndarray, delta: float = 0.01) -> int:
   """Smallest k whose top-k singular values of F hold 1 - delta of their sum.
 
   `gram` = F F^T; the singular values of F are the square roots of its
-  eigenvalues.
+  eigenvalues. 0 when F is zero (every feature dead), like its rank.
   """
   eigenvalues = np.linalg.eigvalsh(np.asarray(gram, np.float64))[::-1]
   singular = np.sqrt(np.clip(eigenvalues, 0.0, None))
-  cumulative = np.cumsum(singular) / max(singular.sum(), 1e-12)
+  if not singular.sum() > 0:
+    return 0
+  cumulative = np.cumsum(singular) / singular.sum()
   return int(np.sum(cumulative < 1.0 - delta) + 1)
 
 
