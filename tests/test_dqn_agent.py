@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agents.dqn_agent import DQNAgent, linearly_decaying_epsilon
+from agents.dqn_agent import DQNAgent, create_optimizer, linearly_decaying_epsilon
 from agents.rainbow_agent import RainbowAgent
 from experiments import gin_config
 
@@ -99,6 +99,27 @@ def test_epsilon_one_is_uniform_and_epsilon_zero_is_greedy():
     actions = np.asarray(
         agent._select_action(params, obs, jax.random.PRNGKey(seed), 0.0))
     np.testing.assert_array_equal(actions, greedy)
+
+
+@pytest.mark.parametrize('name', ['adam', 'rmsprop', 'sgd'])
+def test_optimizers_first_update_by_hand(name):
+  # First step from zero moments: Adam's bias-corrected step is lr * g / (|g| +
+X
+  # as optax and Dopamine's TF RMSProp); SGD's is lr * g.
+  lr, beta2, eps = 0.1, 0.9, 1e-3
+  g = np.array([0.5, -2.0, 0.0], np.float32)
+  want = {'adam': lr * g / (np.abs(g) + eps),
+          'rmsprop': lr * g / np.sqrt((1 - beta2) * g ** 2 + eps),
+          'sgd': lr * g}[name]
+  optimizer = create_optimizer(name, learning_rate=lr, beta2=beta2, eps=eps)
+  params = jnp.zeros(3)
+  updates, _ = optimizer.update(jnp.asarray(g), optimizer.init(params), params)
+  np.testing.assert_allclose(-np.asarray(updates), want, rtol=1e-5)
+
+
+def test_unknown_optimizer_is_refused():
+  with pytest.raises(ValueError, match="'lamb' is unknown"):
+    create_optimizer('lamb')
 
 
 def test_epsilon_schedule_matches_dopamine():
