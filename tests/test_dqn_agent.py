@@ -104,8 +104,8 @@ def test_epsilon_one_is_uniform_and_epsilon_zero_is_greedy():
 @pytest.mark.parametrize('name', ['adam', 'rmsprop', 'sgd'])
 def test_optimizers_first_update_by_hand(name):
   # First step from zero moments: Adam's bias-corrected step is lr * g / (|g| +
-X
-  # as optax and Dopamine's TF RMSProp); SGD's is lr * g.
+  # eps); RMSProp's is lr * g / sqrt((1 - beta2) g^2 + eps) (optax puts eps
+  # inside the root); SGD's is lr * g.
   lr, beta2, eps = 0.1, 0.9, 1e-3
   g = np.array([0.5, -2.0, 0.0], np.float32)
   want = {'adam': lr * g / (np.abs(g) + eps),
