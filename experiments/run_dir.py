@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import re
+import stat
 import tempfile
 from typing import Any
 
@@ -38,6 +39,11 @@ CHECKPOINT_DIR = "checkpoints"
 SWEEP_LOG = "sweep.log"
 _RUN_MARKERS = (CONFIG_FILE, STATUS_FILE, METRICS_FILE)
 STATES = ("running", "done", "failed")
+
+# The process umask, read once (reading it means setting it): new files get the
+# mode open() would give them, not mkstemp's private 0600.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class RunDirError(ValueError):
@@ -61,14 +67,20 @@ def fsync_dir(path: str) -> None:
 def atomic_write_bytes(path: str, data: bytes) -> None:
   """Replaces ``path`` with ``data`` atomically (temp file, fsync, os.replace).
 
+  The file keeps the mode of the one it replaces (a new file gets the umask's).
   Raises OSError if the directory is not writable; no temp file is left behind.
   """
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
+  try:
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+  except OSError:
+    mode = 0o666 & ~_UMASK
   fd, tmp_path = tempfile.mkstemp(
       dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
+      os.fchmod(f.fileno(), mode)
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
@@ -150,14 +162,29 @@ class RunDir:
   def checkpoint_dir(self) -> str:
     return os.path.join(self.base_dir, CHECKPOINT_DIR)
 
-  def prepare(self, operative_config: str, resume_allowed: bool = True) -> bool:
-    """Creates or validates ``base_dir`` and writes ``config.gin``.
+  def check_layout(self) -> None:
+    """RunDirError unless each of the run's entries present is a file or a
+    directory as the layout says (a hand-made mix-up reads as a clear error)."""
+    for name, is_dir in ((CONFIG_FILE, False), (METRICS_FILE, False),
+                         (STATUS_FILE, False), (CHECKPOINT_DIR, True)):
+      path = os.path.join(self.base_dir, name)
+      if os.path.exists(path) and os.path.isdir(path) != is_dir:
+        want, got = ("directory", "file") if is_dir else ("file", "directory")
+        raise RunDirError(
+            f"{path} is a {got}, but a moerl run keeps a {want} there; move it "
+            "away or use a new --base_dir.")
 
-    Returns True when this is a resume: ``config.gin`` already held the same run's
-    config (compared with ``_run_identity``: ``Runner.num_iterations`` may differ). Raises RunDirError, without writing
-    anything, when ``base_dir`` is not a creatable, writable directory, holds files
-    that are not a moerl run, holds a run of a different config, or holds a run of
-    the same config while ``resume_allowed`` is False.
+  def prepare(self, operative_config: str, resume_allowed: bool = True) -> bool:
+    """Creates or validates ``base_dir``; writes ``config.gin`` for a new run.
+
+    Returns True when this is a resume: ``config.gin`` already holds the same run's
+    config (compared with ``_run_identity``: ``Runner.num_iterations`` may differ).
+    A resume writes nothing here: the caller rewrites ``config.gin`` with
+    ``write_config`` once the checkpoint is restored. Raises RunDirError, without
+    writing anything, when ``base_dir`` is not a creatable, writable directory, holds
+    files that are not a moerl run or are misplaced (``check_layout``), holds a run of
+    a different config, or holds a run of the same config while ``resume_allowed``
+    is False.
     """
     base = self.base_dir
     if os.path.exists(base) and not os.path.isdir(base):
@@ -177,6 +204,7 @@ class RunDir:
         raise RunDirError(
             f"--base_dir {base} is a foreign directory (not empty and not a moerl "
             "run); use a new or empty --base_dir.")
+      self.check_layout()
       if CONFIG_FILE in entries:
         try:
           with open(self.config_path, encoding="utf-8") as f:
@@ -202,13 +230,37 @@ class RunDir:
         raise RunDirError(
             f"--base_dir {base} cannot be created ({e.strerror}); "
             "choose a --base_dir in a writable location.") from None
+    if resume:
+      self._check_writable()
+    else:
+      self.write_config(operative_config)
+    return resume
+
+  def write_config(self, operative_config: str) -> None:
+    """Writes ``config.gin`` (atomically; untouched when it holds this text)."""
+    try:
+      with open(self.config_path, encoding="utf-8") as f:
+        if f.read() == operative_config:
+          return
+    except (OSError, UnicodeDecodeError):
+      pass
     try:
       atomic_write_text(self.config_path, operative_config)
     except OSError as e:
-      raise RunDirError(
-          f"--base_dir {base} is not writable ({e.strerror}); "
-          "fix its permissions or choose a writable --base_dir.") from None
-    return resume
+      raise self._not_writable(e) from None
+
+  def _check_writable(self) -> None:
+    try:
+      fd, probe = tempfile.mkstemp(dir=self.base_dir, prefix=".write_test.")
+      os.close(fd)
+      os.unlink(probe)
+    except OSError as e:
+      raise self._not_writable(e) from None
+
+  def _not_writable(self, error: OSError) -> RunDirError:
+    return RunDirError(
+        f"--base_dir {self.base_dir} is not writable ({error.strerror}); "
+        "fix its permissions or choose a writable --base_dir.")
 
   def write_status(self, state: str, iteration: int,
                    error: str | None = None) -> None:

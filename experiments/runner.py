@@ -31,7 +31,7 @@ from agents.frame_stack import FrameStacker
 from agents.rainbow_agent import RainbowAgent
 from experiments import environments
 from experiments.checkpoints import Checkpointer
-from experiments.logger import MetricsLogger, truncate_metrics
+from experiments.logger import MetricsLogger, read_metrics, truncate_metrics
 from experiments.run_dir import RunDir, RunDirError
 from networks.checks import is_int
 from networks.q_network import count_parameters
@@ -278,19 +278,33 @@ class Runner:
     Returns the next iteration to run (the newest checkpoint's + 1, or 0).
     With `restore=False` the agent is left as built, for a caller that picks
     the checkpoint itself (a SeedGroup resumes its seeds from a common one).
-    Bad input (a foreign or different-config base_dir, a corrupt checkpoint)
-    raises RunDirError before anything on disk changes (config.gin is only
-    rewritten with the same run's config).
+    Bad input (a foreign or different-config base_dir, a corrupt checkpoint,
+    logged iterations whose checkpoints are gone) raises RunDirError before
+    anything on disk changes: a resumed run's config.gin (which may differ in
+    Runner.num_iterations) is rewritten by `start_logging`.
     """
     self._run_dir = RunDir(self.base_dir)
     resume = self._run_dir.prepare(operative_config)
+    self._operative_config = operative_config
     self._checkpointer = Checkpointer(self._run_dir.checkpoint_dir)
     latest = self._checkpointer.latest_iteration() if resume else None
-    if latest is None:
-      return 0
-    if restore:
+    start = 0 if latest is None else latest + 1
+    # A run killed between logging an iteration and checkpointing it has one
+    # logged iteration past its checkpoint, which the resume drops; more means
+    # checkpoints were removed, and resuming would drop logged results.
+    logged = max((r['iteration'] for r in read_metrics(
+        self._run_dir.metrics_path, lenient=True) if is_int(r.get('iteration'))),
+                 default=-1) if resume else -1
+    if logged > start:
+      newest = 'none' if latest is None else f'iteration {latest}'
+      raise RunDirError(
+          f'{self._run_dir.metrics_path} logs iterations up to {logged}, but '
+          f'the newest checkpoint is {newest}: resuming would drop the logged '
+          'iterations after it. Put the checkpoints back, or use a new '
+          '--base_dir.')
+    if restore and latest is not None:
       self.restore_checkpoint(latest)
-    return latest + 1
+    return start
 
   def latest_checkpoint(self) -> Optional[int]:
     return self._checkpointer.latest_iteration()
@@ -301,7 +315,9 @@ class Runner:
     self.agent.restore(restored['agent'], restored['counters'])
 
   def start_logging(self, iteration: int) -> None:
-    """Drops logged iterations past the checkpoint, then opens the logger."""
+    """Writes config.gin, drops logged iterations past the checkpoint, then
+    opens the logger: the first writes of a run that `open_run` accepted."""
+    self._run_dir.write_config(self._operative_config)
     truncate_metrics(self._run_dir.metrics_path, iteration - 1)
     self._logger = MetricsLogger(self.base_dir, purge_step=iteration)
     self._run_dir.write_status('running', iteration)
@@ -338,7 +354,9 @@ class Runner:
 
   def restore_agent(self) -> int:
     """Loads the newest checkpoint's agent (not the replay); returns its iteration."""
-    checkpointer = Checkpointer(RunDir(self.base_dir).checkpoint_dir)
+    run_dir = RunDir(self.base_dir)
+    run_dir.check_layout()
+    checkpointer = Checkpointer(run_dir.checkpoint_dir)
     latest = checkpointer.latest_iteration()
     if latest is None:
       raise RunDirError(f'{self.base_dir} holds no checkpoint; train first '

@@ -174,3 +174,12 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
   with open(path) as f:
     assert f.read() == "old"
   assert os.listdir(tmp_path) == ["x.txt"]
+
+
+def test_atomic_writes_give_open_modes_not_private_ones(tmp_path):
+  path = str(tmp_path / "a.json")
+  run_dir_lib.atomic_write_json(path, {"x": 1})  # as open() would: 0644 at umask 022
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~run_dir_lib._UMASK != 0o600
+  os.chmod(path, 0o640)  # a replaced file keeps its mode
+  run_dir_lib.atomic_write_json(path, {"x": 2})
+  assert os.stat(path).st_mode & 0o777 == 0o640

@@ -269,9 +269,43 @@ def test_refuses_a_corrupt_checkpoint(cartpole_runs, tmp_path):
   with open(target, 'wb') as f:
     f.write(data)
   before = _snapshot(base_dir)
-  # The same command resumes the run, which restores the newest checkpoint.
+  # The same command resumes the run, which restores the newest checkpoint;
+  # so does one that extends the run (config.gin is rewritten only once the
+  # restore has worked).
+  for extra in ([], ['--gin_bindings', 'Runner.num_iterations = 3']):
+    code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS +
+                            extra)
+    _assert_usage_error(code, err, 'ckpt_1', 'corrupt')
+    assert _snapshot(base_dir) == before
+
+
+def test_refuses_to_resume_past_removed_checkpoints(cartpole_runs, tmp_path):
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  shutil.rmtree(os.path.join(base_dir, 'checkpoints'))
+  before = _snapshot(base_dir)
+  # Starting over would drop the two logged iterations.
   code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS)
-  _assert_usage_error(code, err, 'ckpt_1', 'corrupt')
+  _assert_usage_error(code, err, 'logs iterations up to 1',
+                      'newest checkpoint is none')
+  assert _snapshot(base_dir) == before
+
+
+@pytest.mark.parametrize('command', ['train', 'eval'])
+@pytest.mark.parametrize('entry,make', [('checkpoints', 'file'),
+                                        ('metrics.jsonl', 'dir')])
+def test_refuses_misplaced_run_entries(cartpole_runs, tmp_path, command, entry,
+                                       make):
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  path = os.path.join(base_dir, entry)
+  shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  if make == 'file':
+    open(path, 'w').close()
+  else:
+    os.mkdir(path)
+  before = _snapshot(base_dir)
+  args = CARTPOLE_ARGS if command == 'train' else ['--episodes', '1']
+  code, _, err = _run_cli([command, '--base_dir', base_dir] + args)
+  _assert_usage_error(code, err, entry)
   assert _snapshot(base_dir) == before
 
 
