@@ -46,6 +46,13 @@ def _build_runner(base_dir, gin_files, gin_bindings, **kwargs):
     raise UsageError(f'bad config: {_config_error(e)}') from None
 
 
+def _out_of_memory(error: BaseException) -> str:
+  from experiments import gin_config  # pylint: disable=g-import-not-at-top
+  line = gin_config.first_line(error).rstrip('.')
+  return (f'out of memory: {line}; use a smaller config (replay_capacity, '
+          'network width, number of experts, batch size).')
+
+
 def _config_error(error: BaseException) -> str:
   """The error's first line, naming the innermost gin configurable that
   raised it (gin appends "In call to configurable 'X'" lines) unless the
@@ -125,13 +132,15 @@ def _run_config(base_dir: str) -> str:
 
 
 def cmd_eval(args) -> int:
-  from experiments.run_dir import RunDirError, atomic_write_json  # pylint: disable=g-import-not-at-top
+  from experiments.run_dir import RunDirError, atomic_write_json, check_output_files  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   config = _run_config(args.base_dir)
   if args.episodes < 1:
     raise UsageError(f'--episodes={args.episodes} must be >= 1.')
+  eval_path = os.path.join(args.base_dir, 'eval.json')
   runner = _build_runner(args.base_dir, [config], [], num_envs=1)
   try:
+    check_output_files(eval_path)
     iteration = runner.restore_agent()
     returns = runner.evaluate_episodes(args.episodes)
   except RunDirError as e:
@@ -142,12 +151,11 @@ def cmd_eval(args) -> int:
             'returns': returns, 'return_mean': float(np.mean(returns)),
             'return_std': float(np.std(returns)),
             'epsilon_eval': runner.agent.epsilon_eval}
-  atomic_write_json(os.path.join(args.base_dir, 'eval.json'), result)
+  atomic_write_json(eval_path, result)
   for i, value in enumerate(returns):
     print(f'episode {i}: return {value:.2f}')
   print(f'mean return {result["return_mean"]:.2f} over {len(returns)} '
-        f'episodes (checkpoint of iteration {iteration}); wrote '
-        f'{os.path.join(args.base_dir, "eval.json")}')
+        f'episodes (checkpoint of iteration {iteration}); wrote {eval_path}')
   return EXIT_OK
 
 
@@ -224,7 +232,7 @@ def cmd_bench(args) -> int:
 
 def cmd_experts(args) -> int:
   from experiments import experts  # pylint: disable=g-import-not-at-top
-  from experiments.run_dir import RunDirError  # pylint: disable=g-import-not-at-top
+  from experiments.run_dir import RunDirError, check_output_files  # pylint: disable=g-import-not-at-top
   config = _run_config(args.base_dir)
   if args.states < 1:
     raise UsageError(f'--states={args.states} must be >= 1.')
@@ -237,6 +245,7 @@ def cmd_experts(args) -> int:
   runner = _build_runner(args.base_dir, [config], [], num_envs=1)
   try:
     experts.check_analysis_input(runner.agent.network, keep)
+    check_output_files(*experts.output_paths(args.base_dir))
     iteration = runner.restore_agent()
     result = experts.expert_subset_analysis(
         runner, keep, num_states=args.states, num_episodes=args.episodes,
@@ -270,6 +279,18 @@ class _Parser(argparse.ArgumentParser):
 
   def error(self, message):
     raise SystemExit(_fail(f'{self.prog}: {message} (see `{self.prog} --help`)'))
+
+
+def _seed(text: str) -> int:
+  """argparse type of --seed: an integer in [0, MAX_SEED]."""
+  from networks.checks import MAX_SEED  # pylint: disable=g-import-not-at-top
+  try:
+    seed = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+  if not 0 <= seed <= MAX_SEED:
+    raise argparse.ArgumentTypeError(f'{seed} is outside [0, {MAX_SEED}]')
+  return seed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -347,7 +368,7 @@ def _parser() -> argparse.ArgumentParser:
                  help='states visited by the greedy agent to score')
   p.add_argument('--episodes', type=int, default=3,
                  help='episodes per pruned agent (0 skips them)')
-  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--seed', type=_seed, default=0)
   p.set_defaults(func=cmd_experts)
 
   p = sub.add_parser('representation', help='1 vs many Soft MoE experts of '
@@ -356,7 +377,7 @@ def _parser() -> argparse.ArgumentParser:
                  help='output directory for representation.json/.png')
   p.add_argument('--steps', type=int, default=None,
                  help='Adam steps per model (default: the module default)')
-  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--seed', type=_seed, default=0)
   p.add_argument('--experts', default='1,8',
                  help='comma-separated expert counts; 1 is the single-expert control')
   p.set_defaults(func=cmd_representation)
@@ -373,6 +394,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     return args.func(args)
   except (UsageError, GinConfigError) as e:
     return _fail(str(e))
+  except MemoryError as e:  # NumPy's, e.g. a replay buffer too large to hold
+    return _fail(_out_of_memory(e))
+  except Exception as e:  # pylint: disable=broad-except
+    if 'RESOURCE_EXHAUSTED' not in str(e):  # XLA could not allocate
+      raise
+    return _fail(_out_of_memory(e))
   except KeyboardInterrupt:
     print('moerl: interrupted', file=sys.stderr)
     return EXIT_INTERRUPTED

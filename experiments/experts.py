@@ -31,7 +31,7 @@ them.
 import contextlib
 import functools
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -277,9 +277,14 @@ def plot_results(result: Dict[str, Any], path: str) -> None:
   atomic_save_figure(fig, path)
 
 
+def output_paths(base_dir: str) -> Tuple[str, str]:
+  """Where `write_outputs` writes: experts.json and experts.png."""
+  return (os.path.join(base_dir, 'experts.json'),
+          os.path.join(base_dir, 'experts.png'))
+
+
 def write_outputs(result: Dict[str, Any], base_dir: str) -> List[str]:
-  json_path = os.path.join(base_dir, 'experts.json')
-  png_path = os.path.join(base_dir, 'experts.png')
+  json_path, png_path = output_paths(base_dir)
   atomic_write_json(json_path, result)
   plot_results(result, png_path)
   return [json_path, png_path]

@@ -73,7 +73,7 @@ def load(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:
   try:
     gin.parse_config_files_and_bindings(paths, list(gin_bindings),
                                         finalize_config=False)
-  except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
+  except (ValueError, KeyError, TypeError, SyntaxError, OSError, ImportError) as e:
     raise GinConfigError(f'bad gin config: {first_line(e)}') from None
   finally:
     logging.disable(logging.NOTSET)
@@ -87,7 +87,7 @@ def validate_binding(binding: str) -> None:
   gin.clear_config()
   try:
     gin.parse_config(binding)
-  except (ValueError, KeyError, SyntaxError) as e:
+  except (ValueError, KeyError, SyntaxError, ImportError) as e:
     raise ValueError(first_line(e)) from None
   finally:
     gin.clear_config()

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.run_dir import atomic_save_figure, atomic_write_json
+from experiments.run_dir import RunDirError, atomic_save_figure, atomic_write_json, check_output_files
 from networks.q_network import count_parameters
 from networks.soft_moe import SoftMoE
 
@@ -183,11 +183,17 @@ def run_representation(out_dir: Optional[str], experts: Sequence[int] = (1, 8),
         f'be >= 1 and divide the total expert hidden units, {hidden}.')
   settings['eval_every'] = max(1, min(settings['eval_every'], settings['steps']))
   if out_dir is not None:
+    json_path = os.path.join(out_dir, 'representation.json')
+    png_path = os.path.join(out_dir, 'representation.png')
     try:
       os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
       raise RepresentationError(
           f'--out {out_dir} cannot be created ({e.strerror}).') from None
+    try:
+      check_output_files(json_path, png_path)
+    except RunDirError as e:
+      raise RepresentationError(str(e)) from None
   models = [train_model(e, seed=seed, **settings) for e in experts]
   result = {
       'target': 'f(X) = sum_t ||x_t||^2, x entries i.i.d. N(0, 1)',
@@ -198,8 +204,6 @@ def run_representation(out_dir: Optional[str], experts: Sequence[int] = (1, 8),
       'models': models,
   }
   if out_dir is not None:
-    json_path = os.path.join(out_dir, 'representation.json')
-    png_path = os.path.join(out_dir, 'representation.png')
     atomic_write_json(json_path, result)
     plot_curves(result, png_path)
     result['files'] = [json_path, png_path]

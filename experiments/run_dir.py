@@ -94,6 +94,24 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
   fsync_dir(directory)
 
 
+def check_output_files(*paths: str) -> None:
+  """RunDirError unless each path can be written as a file: not a directory, and
+  in a directory that takes new files. Called before long work whose result
+  goes there, so that a bad path fails at once."""
+  for path in map(os.fspath, paths):
+    if os.path.isdir(path):
+      raise RunDirError(f"{path} is a directory, but the output file goes there; "
+                        "move it away.")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+      fd, probe = tempfile.mkstemp(dir=directory, prefix=".write_test.")
+      os.close(fd)
+      os.unlink(probe)
+    except OSError as e:
+      raise RunDirError(f"{path} cannot be written ({e.strerror}); fix the "
+                        "directory's permissions or write elsewhere.") from None
+
+
 def atomic_write_text(path: str, text: str) -> None:
   """Replaces ``path`` with UTF-8 ``text`` atomically."""
   atomic_write_bytes(path, text.encode("utf-8"))
@@ -247,20 +265,18 @@ class RunDir:
     try:
       atomic_write_text(self.config_path, operative_config)
     except OSError as e:
-      raise self._not_writable(e) from None
+      raise RunDirError(
+          f"--base_dir {self.base_dir} is not writable ({e.strerror}); "
+          "fix its permissions or choose a writable --base_dir.") from None
 
   def _check_writable(self) -> None:
     try:
-      fd, probe = tempfile.mkstemp(dir=self.base_dir, prefix=".write_test.")
-      os.close(fd)
-      os.unlink(probe)
-    except OSError as e:
-      raise self._not_writable(e) from None
+      check_output_files(self.config_path)
+    except RunDirError:
+      raise RunDirError(
+          f"--base_dir {self.base_dir} is not writable; fix its permissions or "
+          "choose a writable --base_dir.") from None
 
-  def _not_writable(self, error: OSError) -> RunDirError:
-    return RunDirError(
-        f"--base_dir {self.base_dir} is not writable ({error.strerror}); "
-        "fix its permissions or choose a writable --base_dir.")
 
   def write_status(self, state: str, iteration: int,
                    error: str | None = None) -> None:

@@ -1,10 +1,12 @@
-"""The integer test every package's argument checks share.
+"""The integer test and seed range every package's argument checks share.
 
 It lives in `networks`, the package the others import (networks <- agents <-
 experiments), and imports only NumPy.
 """
 
 import numpy as np
+
+MAX_SEED = 2**31 - 1  # seeds reach JAX, NumPy and the envs: int32 suits them all
 
 
 def is_int(value) -> bool:

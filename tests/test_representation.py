@@ -60,13 +60,25 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
       (['--experts', '1,3'], 'divide'),
       (['--experts', '0,8'], 'out of range'),
       (['--experts', 'x'], 'integers'),
-      (['--steps', '0'], '>= 1')):
+      (['--steps', '0'], '>= 1'),
+      (['--seed', '-1'], '--seed'),
+      (['--seed', str(2**40)], '--seed')):
     code, _, err = _run_cli(['representation', '--out', str(tmp_path / 'r'),
                              *argv])
     assert code == 2, err
     assert err.startswith('moerl: error:') and fragment in err, err
     assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
   assert not os.path.exists(tmp_path / 'r')
+
+
+def test_an_output_path_taken_by_a_directory_is_refused_before_training(tmp_path):
+  (tmp_path / 'r' / 'representation.json').mkdir(parents=True)
+  code, out, err = _run_cli(['representation', '--out', str(tmp_path / 'r'),
+                             '--steps', '100000'])  # refused long before
+  assert code == 2 and out == ''
+  assert err.startswith('moerl: error:') and 'is a directory' in err, err
+  assert len(err.strip().splitlines()) == 1
+  assert os.listdir(tmp_path / 'r') == ['representation.json']
 
 
 def test_parse_experts():

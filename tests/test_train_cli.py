@@ -290,6 +290,17 @@ def test_refuses_to_resume_past_removed_checkpoints(cartpole_runs, tmp_path):
   assert _snapshot(base_dir) == before
 
 
+def test_eval_refuses_an_eval_json_directory_before_playing(cartpole_runs,
+                                                            tmp_path):
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  os.mkdir(os.path.join(base_dir, 'eval.json'))
+  before = _snapshot(base_dir)
+  code, out, err = _run_cli(['eval', '--base_dir', base_dir, '--episodes', '1'])
+  _assert_usage_error(code, err, 'eval.json is a directory')
+  assert out == ''  # no episode played
+  assert _snapshot(base_dir) == before
+
+
 @pytest.mark.parametrize('command', ['train', 'eval'])
 @pytest.mark.parametrize('entry,make', [('checkpoints', 'file'),
                                         ('metrics.jsonl', 'dir')])
@@ -341,10 +352,17 @@ def test_rerunning_a_finished_run_changes_no_results(cartpole_runs, tmp_path):
       'Runner.evaluation_steps = -5'], ['Runner.evaluation_steps=-5']),
     (['--gin_files', 'cartpole_rainbow_softmoe.gin', '--gin_bindings',
       'DQNAgent.gamma = 0.9'], ['DQNAgent.gamma', 'RainbowAgent.gamma']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      'Runner.seed = 99999999999999999999'], ['Runner.seed', '2147483647']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      'import no_such_module'], ['no_such_module']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      'DQNAgent.replay_capacity = 10000000000000'], ['out of memory']),
 ], ids=['unknown_game', 'unknown_parameter', 'missing_gin_file',
         'zero_experts', 'k_above_experts', 'negative_seed', 'experts_not_a_number',
         'experts_not_an_int', 'no_warmup', 'negative_eval_steps',
-        'dqn_binding_on_rainbow'])
+        'dqn_binding_on_rainbow', 'huge_seed', 'missing_gin_import',
+        'replay_beyond_memory'])
 def test_bad_train_input_is_refused_without_writing(argv, fragments, tmp_path,
                                                     cartpole_runs):
   # A fresh base_dir is not even created ...
