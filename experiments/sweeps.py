@@ -377,6 +377,9 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     except tomllib.TOMLDecodeError as e:
         raise SweepError(f"{_where(path)} is not valid TOML ({e}); fix the syntax at that "
                          f"line") from None
+    except UnicodeDecodeError:
+        raise SweepError(f"{_where(path)} is not UTF-8 text; save the spec as UTF-8 "
+                         f"TOML") from None
     except OSError as e:
         raise SweepError(f"cannot read sweep file {path} ({e.strerror}); check the path and "
                          f"its permissions") from None
@@ -816,8 +819,10 @@ def _check_out_dir(spec: SweepSpec, runs: list[RunSpec], out_dir: Path) -> str |
     """Refuses an out_dir holding something else, without writing; returns the
     ``created`` time of its manifest (None for a new out_dir)."""
     manifest_path = out_dir / "manifest.json"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SweepError(f"out_dir {out_dir} is a file; choose a new or empty directory")
     if not manifest_path.exists():
-        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if out_dir.exists() and any(out_dir.iterdir()):
             raise SweepError(f"{out_dir} is not empty and holds no sweep manifest.json; "
                              f"choose an empty or new out_dir")
         return None
@@ -825,6 +830,9 @@ def _check_out_dir(spec: SweepSpec, runs: list[RunSpec], out_dir: Path) -> str |
         old = json.loads(manifest_path.read_text(encoding="utf-8"))
         old_name = old["sweep"]
         old_runs = {r["name"]: r for r in old["runs"]}
+        for o in old_runs.values():
+            if not all(isinstance(o.get(k, []), list) for k in ("gin_files", "bindings")):
+                raise TypeError("a run's gin_files or bindings is not a list")
     except (OSError, ValueError, KeyError, TypeError):
         raise SweepError(f"{manifest_path} is unreadable or not a sweep manifest; choose "
                          f"another out_dir or remove that file") from None
@@ -838,6 +846,11 @@ def _check_out_dir(spec: SweepSpec, runs: list[RunSpec], out_dir: Path) -> str |
             raise SweepError(f"{out_dir} holds run {r.name!r} of sweep {spec.name!r} with "
                              f"other gin files or bindings; choose another out_dir or "
                              f"restore the spec")
+        name = Path(r.name)
+        for path in (out_dir / p for p in (name, *name.parents[:-1])):  # not out_dir
+            if path.exists() and not path.is_dir():
+                raise SweepError(f"{path} is a file where run {r.name!r} keeps its "
+                                 f"directory; move it away or choose another out_dir")
     return old.get("created")
 
 
@@ -861,9 +874,9 @@ def _check_options(backend: str, workers: int, cpus_per_run: float, gpus_per_run
     if not isinstance(workers, int) or workers < 1:
         raise SweepError(f"workers must be a positive integer, got {workers!r}; pass "
                          f"--workers 1 or more")
-    if cpus_per_run < 0 or gpus_per_run < 0:
-        raise SweepError("cpus_per_run and gpus_per_run must be >= 0; fix the resource "
-                         "request")
+    if not all(math.isfinite(v) and v >= 0 for v in (cpus_per_run, gpus_per_run)):
+        raise SweepError(f"cpus_per_run and gpus_per_run must be finite and >= 0, got "
+                         f"{cpus_per_run!r} and {gpus_per_run!r}; fix the resource request")
     if not command_prefix:
         raise SweepError("command_prefix is empty; pass the trainer command, e.g. "
                          "('moerl', 'train')")

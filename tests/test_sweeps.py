@@ -7,6 +7,7 @@ Execution tests use a tiny fake trainer script (written into tmp_path) in place 
 import io
 import json
 import os
+import shutil
 import sys
 import textwrap
 import tomllib
@@ -329,6 +330,49 @@ def test_foreign_out_dir_is_refused(gin_dir, fake_trainer, tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(SweepError, match="not empty"):
         run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
+
+
+def test_out_dir_damage_is_refused_before_writing(gin_dir, fake_trainer, tmp_path):
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0, 1]\n')
+    out = tmp_path / "out"
+    assert run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO()).ok
+    # A file where a run keeps its directory (here the run is redone: no status).
+    run = next(p for p in out.rglob("seed1") if p.is_dir())
+    shutil.rmtree(run)
+    run.write_text("mine")
+    before = snapshot(out)
+    with pytest.raises(SweepError, match="is a file where run .* keeps its directory"):
+        run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
+    assert snapshot(out) == before
+    run.unlink()
+    # A manifest whose runs hold other types than the sweep writes.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["runs"][0]["gin_files"] = 3
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(out)
+    with pytest.raises(SweepError, match="not a sweep manifest"):
+        run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
+    assert snapshot(out) == before
+    # out_dir itself a file.
+    with pytest.raises(SweepError, match="is a file"):
+        run_sweep(path, out / "manifest.json", dry_run=True, stream=io.StringIO())
+
+
+@pytest.mark.parametrize("cpus, gpus", [(float("nan"), 0.0), (1.0, float("inf")),
+                                        (-1.0, 0.0)])
+def test_resource_requests_must_be_finite_and_non_negative(gin_dir, tmp_path, cpus, gpus):
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
+    with pytest.raises(SweepError, match="must be finite and >= 0"):
+        run_sweep(path, tmp_path / "out", dry_run=True, backend="ray", cpus_per_run=cpus,
+                  gpus_per_run=gpus, stream=io.StringIO())
+    assert not (tmp_path / "out").exists()
+
+
+def test_spec_that_is_not_utf8_is_refused(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_bytes(b'name = "\xff\xfe"\n')
+    with pytest.raises(SweepError, match="not UTF-8"):
+        load_spec(path)
 
 
 def test_missing_command_is_a_sweep_error(gin_dir, tmp_path):
