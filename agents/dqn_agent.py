@@ -65,7 +65,7 @@ from agents import devices, losses
 from agents.frame_stack import FrameStacker
 from agents.metric_sums import MetricSums
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
-from networks.checks import is_int
+from networks.checks import check_flags, is_int
 from networks.expert_metrics import GRAM_KEY, expert_metrics, srank_from_gram
 from networks.q_network import NetworkOutput, QNetwork
 
@@ -91,6 +91,9 @@ def create_optimizer(name: str = 'adam', learning_rate: float = 6.25e-5,
                      beta1: float = 0.9, beta2: float = 0.999,
                      eps: float = 1.5e-4, centered: bool = False):
   """Dopamine's optimiser factory (same gin names)."""
+  if not learning_rate > 0 or not eps >= 0:
+    raise ValueError(f'create_optimizer: learning_rate={learning_rate!r} must '
+                     f'be > 0 and eps={eps!r} >= 0.')
   if name == 'adam':
     return optax.adam(learning_rate, b1=beta1, b2=beta2, eps=eps)
   if name == 'rmsprop':
@@ -283,6 +286,9 @@ class DQNAgent:
       if not is_int(value) or value < 1:
         raise ValueError(f'{type(self).__name__}.{name}={value!r} must be an '
                          'integer >= 1.')
+    check_flags(type(self).__name__, double_dqn=double_dqn,
+                log_expert_metrics=log_expert_metrics, async_acting=async_acting,
+                pipeline_updates=pipeline_updates)
     # The first update samples once add_count * num_envs > min_replay_history,
     # and a record needs the update_horizon records after it stored.
     if not is_int(min_replay_history) or (min_replay_history <

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from agents import losses
 from agents.dqn_agent import DQNAgent
-from networks.checks import is_int
+from networks.checks import check_flags, is_int
 
 
 def _refuse_dqn_bindings() -> None:
@@ -50,6 +50,8 @@ class RainbowAgent(DQNAgent):
                replay_scheme: str = 'prioritized', update_horizon: int = 3,
                loss_type: str = 'huber', **kwargs):
     _refuse_dqn_bindings()
+    check_flags('RainbowAgent', distributional=distributional, dueling=dueling,
+                noisy=noisy)
     if distributional and not (is_int(num_atoms) and num_atoms >= 2):
       raise ValueError(f'RainbowAgent.num_atoms={num_atoms!r} must be an '
                        'integer >= 2.')

@@ -91,7 +91,7 @@ import ale_py
 import ale_py.roms
 import gymnasium as gym
 
-from networks.checks import is_int
+from networks.checks import check_flags, is_int
 
 __all__ = [
     "ATARI_GAMES",
@@ -249,6 +249,8 @@ class AtariEnv:
                 raise ValueError(
                     f"create_atari_environment.{name}={value!r} must be an integer >= 1"
                 )
+        check_flags("create_atari_environment", sticky_actions=sticky_actions,
+                    terminal_on_life_loss=terminal_on_life_loss)
         self.name = game
         self.frame_skip = frame_skip
         self.num_envs = int(num_envs)

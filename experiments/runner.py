@@ -33,7 +33,7 @@ from experiments import environments
 from experiments.checkpoints import Checkpointer
 from experiments.logger import MetricsLogger, read_metrics, truncate_metrics
 from experiments.run_dir import RunDir, RunDirError
-from networks.checks import MAX_SEED, is_int
+from networks.checks import MAX_SEED, check_flags, is_int
 from networks.q_network import count_parameters
 
 gin.external_configurable(environments.create_atari_environment,
@@ -183,6 +183,8 @@ class Runner:
     if not is_int(seed) or not 0 <= seed <= MAX_SEED:
       raise ValueError(f'Runner.seed={seed!r} must be an integer in [0, '
                        f'{MAX_SEED}].')
+    check_flags('Runner', clip_rewards=clip_rewards,
+                checkpoint_replay=checkpoint_replay)
     self.base_dir = base_dir
     self.num_iterations = num_iterations
     self.training_steps = training_steps

@@ -12,3 +12,11 @@ MAX_SEED = 2**31 - 1  # seeds reach JAX, NumPy and the envs: int32 suits them al
 def is_int(value) -> bool:
   """An integer (Python or NumPy), and not a bool, which Python counts as one."""
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_flags(owner: str, **flags) -> None:
+  """ValueError naming `owner.name` unless every flag is True or False (a
+  string such as 'no' would otherwise count as true)."""
+  for name, value in flags.items():
+    if not isinstance(value, (bool, np.bool_)):
+      raise ValueError(f'{owner}.{name}={value!r} must be True or False.')

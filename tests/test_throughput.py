@@ -260,7 +260,9 @@ def _metrics(path):
 ])
 def test_seed_in_a_group_matches_the_same_seed_alone(tmp_path, gin_file,
                                                       num_seeds):
-  bindings = CARTPOLE[:3] + ['Runner.num_iterations = 2']
+  agent = 'RainbowAgent' if 'rainbow' in gin_file else 'DQNAgent'
+  bindings = [CARTPOLE[0], f'{agent}.min_replay_history = 200', CARTPOLE[2],
+              'Runner.num_iterations = 2']
   group_dir, alone_dir = str(tmp_path / 'group'), str(tmp_path / 'alone')
   args = ['train', '--gin_files', gin_file]
   for b in bindings:

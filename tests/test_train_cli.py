@@ -358,11 +358,15 @@ def test_rerunning_a_finished_run_changes_no_results(cartpole_runs, tmp_path):
       'import no_such_module'], ['no_such_module']),
     (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
       'DQNAgent.replay_capacity = 10000000000000'], ['out of memory']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      "Runner.checkpoint_replay = 'no'"], ['Runner.checkpoint_replay', 'True or False']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      'create_optimizer.learning_rate = -1.0'], ['learning_rate=-1.0']),
 ], ids=['unknown_game', 'unknown_parameter', 'missing_gin_file',
         'zero_experts', 'k_above_experts', 'negative_seed', 'experts_not_a_number',
         'experts_not_an_int', 'no_warmup', 'negative_eval_steps',
         'dqn_binding_on_rainbow', 'huge_seed', 'missing_gin_import',
-        'replay_beyond_memory'])
+        'replay_beyond_memory', 'flag_not_a_bool', 'negative_learning_rate'])
 def test_bad_train_input_is_refused_without_writing(argv, fragments, tmp_path,
                                                     cartpole_runs):
   # A fresh base_dir is not even created ...
