@@ -164,7 +164,8 @@ def load_runs(runs_dir: str | os.PathLike, notes: list[str] | None = None) -> li
     notes = [] if notes is None else notes
     root = Path(runs_dir).expanduser()
     if not root.is_dir():
-        raise PlotError(f"runs directory {root} does not exist; pass the sweep out_dir or a "
+        what = "is a file, not a directory" if root.exists() else "does not exist"
+        raise PlotError(f"runs directory {root} {what}; pass the sweep out_dir or a "
                         f"run's --base_dir")
     paths = sorted(root.rglob("metrics.jsonl"))
     if not paths:

@@ -334,6 +334,7 @@ def _tree(root):
 @pytest.mark.parametrize('case,fragment', [
     ('no_runs', 'no metrics.jsonl found'),
     ('missing', 'does not exist'),
+    ('file', 'is a file'),
 ])
 @pytest.mark.parametrize('out_flag', [[], ['--out']], ids=['default_out', 'out'])
 def test_cli_plot_refuses_bad_dir_on_one_line_without_writing(tmp_path, case, fragment,
@@ -342,6 +343,8 @@ def test_cli_plot_refuses_bad_dir_on_one_line_without_writing(tmp_path, case, fr
   if case == 'no_runs':
     (runs / 'empty_subdir').mkdir(parents=True)
     (runs / 'notes.txt').write_text('not a run\n')
+  elif case == 'file':
+    runs.write_text('not a run\n')
   before = _tree(runs) if runs.exists() else None
   plots = tmp_path / 'plots'
   argv = ['plot', str(runs)] + ([out_flag[0], str(plots)] if out_flag else [])
