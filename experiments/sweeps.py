@@ -868,9 +868,12 @@ def _write_manifest(spec: SweepSpec, runs: list[RunSpec], out_dir: Path,
 
 
 def _check_options(backend: str, workers: int, cpus_per_run: float, gpus_per_run: float,
-                   command_prefix: Sequence[str]) -> None:
+                   command_prefix: Sequence[str], ray_address: str | None) -> None:
     if backend not in ("local", "ray"):
         raise SweepError(f"unknown sweep backend {backend!r}; use 'local' or 'ray'")
+    if ray_address is not None and backend != "ray":
+        raise SweepError(f"ray_address {ray_address!r} needs the ray backend; pass "
+                         f"--backend ray, or drop --ray_address")
     if not isinstance(workers, int) or workers < 1:
         raise SweepError(f"workers must be a positive integer, got {workers!r}; pass "
                          f"--workers 1 or more")
@@ -909,7 +912,7 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
     failing run is recorded in ``SweepResult.failed`` and does not stop the others.
     """
     stream = sys.stderr if stream is None else stream
-    _check_options(backend, workers, cpus_per_run, gpus_per_run, command_prefix)
+    _check_options(backend, workers, cpus_per_run, gpus_per_run, command_prefix, ray_address)
     spec = load_spec(spec_path)
     runs = expand(spec, validate_binding=validate_binding)
     out = Path(out_dir).expanduser().resolve()

@@ -368,6 +368,13 @@ def test_resource_requests_must_be_finite_and_non_negative(gin_dir, tmp_path, cp
     assert not (tmp_path / "out").exists()
 
 
+def test_ray_address_needs_the_ray_backend(gin_dir, tmp_path):
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
+    with pytest.raises(SweepError, match="needs the ray backend"):
+        run_sweep(path, tmp_path / "out", dry_run=True, ray_address="head:6379",
+                  stream=io.StringIO())
+
+
 def test_spec_that_is_not_utf8_is_refused(tmp_path):
     path = tmp_path / "s.toml"
     path.write_bytes(b'name = "\xff\xfe"\n')
