@@ -359,8 +359,10 @@ class Checkpointer:
               "it was written by a different setup, so start a new --base_dir."
           ) from None
         restored[name] = target
-      else:
+      elif kind == "pytree":
         restored[name] = self._restore_pytree(path, name, target)
+      else:
+        raise self._corrupt(path, f"{META_FILE} gives {name!r} the unknown kind {kind!r}")
     return restored
 
   def _restore_pytree(self, path: str, name: str, target: Any) -> Any:

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import checkpoints
 from experiments.checkpoints import Checkpointer, CorruptCheckpointError
 from experiments.run_dir import RunDirError
 from moe_testing import assert_trees_equal
@@ -193,7 +194,7 @@ def _flip_byte(path, offset):
 
 @pytest.mark.parametrize("damage", [
     "flip_pytree", "truncate_pytree", "flip_object", "delete_values",
-    "garble_meta", "edit_meta_iteration", "delete_meta"])
+    "garble_meta", "edit_meta_iteration", "edit_meta_kind", "delete_meta"])
 def test_corruption_detected_and_files_untouched(tmp_path, damage):
   ckpt = Checkpointer(str(tmp_path))
   ckpt.save(1, _state(1))
@@ -218,6 +219,13 @@ def test_corruption_detected_and_files_untouched(tmp_path, damage):
     content["iteration"] = 7
     with open(meta, "w") as f:
       json.dump(content, f)
+  elif damage == "edit_meta_kind":  # re-signed: an intact pytree of no known kind
+    with open(meta) as f:
+      content = json.load(f)
+    content["kinds"]["train_state"] = "tensor"
+    content["checksum"] = checkpoints._meta_checksum(content)
+    with open(meta, "w") as f:
+      json.dump(content, f)
   elif damage == "delete_meta":
     os.remove(meta)
   before = _snapshot(tmp_path)
@@ -236,7 +244,6 @@ def test_corruption_detected_and_files_untouched(tmp_path, damage):
 
 
 def test_unparsable_msgpack_with_valid_checksums_is_corrupt(tmp_path, monkeypatch):
-  from experiments import checkpoints
   monkeypatch.setattr(checkpoints.flax.serialization, "to_bytes",
                       lambda tree: b"\xc1\xc1 not msgpack")
   ckpt = Checkpointer(str(tmp_path))
