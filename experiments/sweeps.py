@@ -626,12 +626,17 @@ def _name_runs(spec: SweepSpec, runs: list[RunSpec]) -> list[RunSpec]:
             avail = ", ".join("{" + f + "}" for f in fields if f != "__axes__")
             raise SweepError(f"{_where(spec.path)}: name_template uses unknown field {{{e.args[0]}}}"
                              f"; use only the available fields: {avail}") from None
-        except (ValueError, IndexError, AttributeError) as e:
+        except (ValueError, IndexError, AttributeError, OverflowError, MemoryError) as e:
             raise SweepError(f"{_where(spec.path)}: name_template {template!r} is not a valid "
-                             f"format string ({e}); use fields like {{game}} and {{seed}}") from None
+                             f"format string ({str(e) or 'a field width too large'}); use fields "
+                             f"like {{game}} and {{seed}}") from None
         if spec.name_template is None and not raw.strip("/"):
             raw = "run"  # a single run with nothing that varies
         name = _safe_name(raw, template)
+        if any(len(part.encode()) > 255 for part in name.split("/")):
+            raise SweepError(f"{_where(spec.path)}: name_template {template!r} makes a run "
+                             f"name with a part longer than 255 bytes, which no filesystem "
+                             f"takes; shorten the template")
         if name in where:
             raise SweepError(f"{_where(spec.path)}: run name {name!r} is produced by more than "
                              f"one run; add the varying fields (e.g. {{seed}} or an axis short "
