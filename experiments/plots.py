@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -71,6 +72,7 @@ import numpy as np
 
 from experiments import scores as scores_lib
 from experiments.logger import read_metrics
+from experiments.run_dir import atomic_write_bytes, figure_bytes
 from networks.checks import is_int
 
 
@@ -662,12 +664,14 @@ def _cell(v: Any, column: str = "") -> str:
     return str(v)
 
 
-def write_summary(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(SUMMARY_COLUMNS)
-        for row in rows:
-            w.writerow([_cell(row.get(c), c) for c in SUMMARY_COLUMNS])
+def summary_csv(rows: list[dict]) -> str:
+    """The text of summary.csv."""
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(SUMMARY_COLUMNS)
+    for row in rows:
+        w.writerow([_cell(row.get(c), c) for c in SUMMARY_COLUMNS])
+    return text.getvalue()
 
 
 # --------------------------------------------------------------------------- entry point
@@ -705,28 +709,37 @@ def plot_runs(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     panels = scaling_points(runs, final, reps=reps, seed=seed, notes=notes)
     colors = color_map([r.series for r in runs]
                        + [p[0] for pts in panels.values() for p in pts])
-    files: list[str] = []
+    # Everything is rendered first, then written file by file atomically: a figure that
+    # cannot be drawn leaves the previous plots as they were.
+    outputs: dict[str, bytes] = {}
 
-    def save(fig, stem: str) -> None:
+    def render(fig, stem: str) -> None:
         for ext in ("png", "pdf"):
-            path = out / f"{stem}.{ext}"
-            fig.savefig(path, dpi=150 if ext == "png" else None)
-            files.append(str(path))
+            path = str(out / f"{stem}.{ext}")
+            try:
+                outputs[path] = figure_bytes(fig, path, dpi=150)
+            except (ValueError, OverflowError) as e:
+                problem = " ".join(str(e).split())  # one line
+                raise PlotError(f"cannot draw {stem} ({problem}); check the runs' "
+                                f"metrics.jsonl for extreme values") from None
 
-    save(learning_curves_figure(runs, colors, metric), "learning_curves")
+    render(learning_curves_figure(runs, colors, metric), "learning_curves")
     fig = aggregate_iqm_figure(runs, colors, metric, reps=reps, seed=seed, notes=notes)
     if fig is None:
         notes.append("aggregate_iqm: skipped, no Atari runs with human/random scores")
     else:
-        save(fig, "aggregate_iqm")
+        render(fig, "aggregate_iqm")
     fig = scaling_figure(panels, colors, metric)
     if fig is None:
         notes.append("scaling: skipped, no run has a positive numeric scale and a return")
     else:
-        save(fig, "scaling")
-    summary = out / "summary.csv"
-    write_summary(summary_rows(runs, final, reps=reps, seed=seed, notes=notes), summary)
-    files.append(str(summary))
+        render(fig, "scaling")
+    summary = str(out / "summary.csv")
+    outputs[summary] = summary_csv(summary_rows(runs, final, reps=reps, seed=seed,
+                                                notes=notes)).encode("utf-8")
+    for path, data in outputs.items():
+        atomic_write_bytes(path, data)
+    files = list(outputs)
     return PlotResult(out_dir=str(out), files=files, summary_csv=str(summary),
                       num_runs=len(runs), metric=metric, notes=list(dict.fromkeys(notes)),
                       colors=colors)

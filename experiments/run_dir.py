@@ -122,13 +122,18 @@ def atomic_write_json(path: str, obj: Any) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_save_figure(fig, path: str, dpi: int = 110) -> None:
-  """Renders a matplotlib figure in memory, then writes it atomically."""
+def figure_bytes(fig, path: str, dpi: int = 110) -> bytes:
+  """A matplotlib figure rendered in memory, in the format `path` names."""
   import io  # pylint: disable=g-import-not-at-top
   buffer = io.BytesIO()
   fig.savefig(buffer, format=os.path.splitext(path)[1].lstrip('.') or 'png',
               dpi=dpi)
-  atomic_write_bytes(path, buffer.getvalue())
+  return buffer.getvalue()
+
+
+def atomic_save_figure(fig, path: str, dpi: int = 110) -> None:
+  """Renders a matplotlib figure in memory, then writes it atomically."""
+  atomic_write_bytes(path, figure_bytes(fig, path, dpi))
 
 
 def normalise_config(text: str) -> str:

@@ -305,3 +305,17 @@ def test_final_scores_use_the_iterations_all_runs_reached(tmp_path, last_n, want
     assert point[3] == pytest.approx(want)
     assert any(n.startswith("final scores of pong: taken up to iteration 9") and
                "2 longer run(s)" in n for n in result.notes)
+
+
+def test_a_figure_that_cannot_be_drawn_leaves_the_previous_plots(tmp_path):
+    out = tmp_path / "plots"
+    write_run(tmp_path / "good", None, "dense", 1, 1000, "pong", 0, atari=True,
+              returns=[1.0, 2.0, 3.0])
+    result = plot_runs(tmp_path / "good", out, reps=50)
+    before = {f: open(f, "rb").read() for f in result.files}
+    # Valid JSON, but no axis can be ticked across it.
+    write_run(tmp_path / "bad", None, "dense", 1, 1000, "pong", 0, atari=True,
+              returns=[1e308, 1e308])
+    with pytest.raises(PlotError, match="cannot draw learning_curves"):
+        plot_runs(tmp_path / "bad", out, reps=50)
+    assert {f: open(f, "rb").read() for f in result.files} == before
