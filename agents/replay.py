@@ -54,7 +54,7 @@ import zipfile
 import numpy as np
 
 from agents import sum_tree as sum_tree_lib
-from networks.checks import is_int as _is_int
+from networks.checks import is_int
 
 _FORMAT_VERSION = 1
 _MAX_SAMPLE_ATTEMPTS = 1000
@@ -88,19 +88,19 @@ class ReplayBuffer:
   ):
     _require(
         isinstance(observation_shape, (tuple, list))
-        and all(_is_int(d) and d >= 1 for d in observation_shape),
+        and all(is_int(d) and d >= 1 for d in observation_shape),
         f'observation_shape must be a tuple of integers >= 1, got {observation_shape!r}.')
-    _require(_is_int(stack_size) and stack_size >= 1,
+    _require(is_int(stack_size) and stack_size >= 1,
              f'stack_size must be an integer >= 1, got {stack_size!r}.')
-    _require(_is_int(num_envs) and num_envs >= 1,
+    _require(is_int(num_envs) and num_envs >= 1,
              f'num_envs must be an integer >= 1, got {num_envs!r}.')
-    _require(_is_int(update_horizon) and update_horizon >= 1,
+    _require(is_int(update_horizon) and update_horizon >= 1,
              f'update_horizon must be an integer >= 1, got {update_horizon!r}.')
-    _require(_is_int(batch_size) and batch_size >= 1,
+    _require(is_int(batch_size) and batch_size >= 1,
              f'batch_size must be an integer >= 1, got {batch_size!r}.')
     min_capacity = num_envs * (stack_size + update_horizon + 1)
     _require(
-        _is_int(replay_capacity) and replay_capacity >= min_capacity,
+        is_int(replay_capacity) and replay_capacity >= min_capacity,
         f'replay_capacity must be an integer >= num_envs * (stack_size + update_horizon + 1) = '
         f'{min_capacity}, got {replay_capacity!r}.')
     _require(
@@ -114,7 +114,7 @@ class ReplayBuffer:
       raise ValueError(f'observation_dtype {observation_dtype!r} is not a numpy dtype.') from e
     _require(dtype.kind in 'biuf',
              f'observation_dtype must be a numeric numpy dtype, got {dtype}.')
-    _require(_is_int(seed), f'seed must be an integer, got {seed!r}.')
+    _require(is_int(seed), f'seed must be an integer, got {seed!r}.')
 
     self._observation_shape = tuple(int(d) for d in observation_shape)
     self._stack_size = int(stack_size)
@@ -358,7 +358,7 @@ class ReplayBuffer:
     """
     if indices is None:
       batch_size = self._batch_size if batch_size is None else batch_size
-      _require(_is_int(batch_size) and batch_size >= 1,
+      _require(is_int(batch_size) and batch_size >= 1,
                f'batch_size must be an integer >= 1, got {batch_size!r}.')
       indices, returns, terminated = self._sample_valid_indices(int(batch_size))
     else:
@@ -396,8 +396,8 @@ class ReplayBuffer:
     buffer holds thousands), the generator is put back and None is returned, so the later
     sample() calls draw as if this call had never been made. Nothing may sample in between.
     """
-    _require(_is_int(adds) and adds >= 0, f'adds must be an integer >= 0, got {adds!r}.')
-    _require(_is_int(num_batches) and num_batches >= 1,
+    _require(is_int(adds) and adds >= 0, f'adds must be an integer >= 0, got {adds!r}.')
+    _require(is_int(num_batches) and num_batches >= 1,
              f'num_batches must be an integer >= 1, got {num_batches!r}.')
     start_state, add_count = self.rng_state, self.add_count
     first_written = self.cursor()  # the adds write rows first_written, first_written + 1, ...
@@ -450,7 +450,7 @@ class ReplayBuffer:
       array = self._store[name]
       assert array.shape == shape, (name, array.shape, shape)
       assert array.dtype == dtype, (name, array.dtype, dtype)
-    assert _is_int(self.add_count) and self.add_count >= 0, self.add_count
+    assert is_int(self.add_count) and self.add_count >= 0, self.add_count
     assert 0 <= self.cursor() < self._capacity_per_env
     assert len(self) == min(self.add_count, self._capacity_per_env) * self._num_envs
     assert len(self) <= self._replay_capacity

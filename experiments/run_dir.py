@@ -254,7 +254,7 @@ class RunDir:
             f"--base_dir {base} cannot be created ({e.strerror}); "
             "choose a --base_dir in a writable location.") from None
     if resume:
-      self._check_writable()
+      check_output_files(self.config_path)  # written once the resume is sure
     else:
       self.write_config(operative_config)
     return resume
@@ -273,15 +273,6 @@ class RunDir:
       raise RunDirError(
           f"--base_dir {self.base_dir} is not writable ({e.strerror}); "
           "fix its permissions or choose a writable --base_dir.") from None
-
-  def _check_writable(self) -> None:
-    try:
-      check_output_files(self.config_path)
-    except RunDirError:
-      raise RunDirError(
-          f"--base_dir {self.base_dir} is not writable; fix its permissions or "
-          "choose a writable --base_dir.") from None
-
 
   def write_status(self, state: str, iteration: int,
                    error: str | None = None) -> None:

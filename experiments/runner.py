@@ -295,9 +295,10 @@ class Runner:
     # A run killed between logging an iteration and checkpointing it has one
     # logged iteration past its checkpoint, which the resume drops; more means
     # checkpoints were removed, and resuming would drop logged results.
-    logged = max((r['iteration'] for r in read_metrics(
-        self._run_dir.metrics_path, lenient=True) if is_int(r.get('iteration'))),
-                 default=-1) if resume else -1
+    records = (read_metrics(self._run_dir.metrics_path, lenient=True) if resume
+               else [])
+    logged = max((r['iteration'] for r in records if is_int(r.get('iteration'))),
+                 default=-1)
     if logged > start:
       newest = 'none' if latest is None else f'iteration {latest}'
       raise RunDirError(

@@ -69,8 +69,8 @@ class TokenMLP(nn.Module):
       raise ValueError(f"TokenMLP.reduction='{self.reduction}' is unknown: use "
                        "one of sum, mean, flatten.")
     if not is_int(self.hidden_units) or self.hidden_units < 1:
-      raise ValueError(f'TokenMLP.hidden_units={self.hidden_units!r} is out of '
-                       'range: use an integer >= 1.')
+      raise ValueError(f'TokenMLP.hidden_units={self.hidden_units!r} must be an '
+                       'integer >= 1.')
     super().__post_init__()
 
   @nn.compact
