@@ -12,18 +12,22 @@
   moerl representation [--out DIR] [--steps N] [--seed S] [--experts 1,8]
 
 Exit codes: 0 success, 1 a run failed, 2 bad input (one line on stderr, no
-traceback, nothing on disk damaged), 130 interrupted.
+traceback, nothing on disk damaged), 130 interrupted, 143 terminated (SIGTERM).
 """
 
 import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from typing import List, Optional
 
+from experiments.run_dir import Terminated
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports it
 
 
 class UsageError(Exception):
@@ -384,12 +388,22 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   try:
     args = _parser().parse_args(argv)
   except SystemExit as e:  # --help (0) or a usage error (2, its line printed)
     return e.code if isinstance(e.code, int) else EXIT_OK
   from experiments.gin_config import GinConfigError  # pylint: disable=g-import-not-at-top
+  # SIGTERM stops a run as Ctrl-C does (status.json says so; a sweep passes it
+  # on to its runs). Only the main thread may handle signals.
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous = (signal.signal(signal.SIGTERM, _raise_terminated)
+              if in_main_thread else None)
   try:
     return args.func(args)
   except (UsageError, GinConfigError) as e:
@@ -400,9 +414,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if 'RESOURCE_EXHAUSTED' not in str(e):  # XLA could not allocate
       raise
     return _fail(_out_of_memory(e))
+  except Terminated:
+    print('moerl: terminated (SIGTERM)', file=sys.stderr)
+    return EXIT_TERMINATED
   except KeyboardInterrupt:
     print('moerl: interrupted', file=sys.stderr)
     return EXIT_INTERRUPTED
+  finally:
+    if in_main_thread:
+      signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == '__main__':

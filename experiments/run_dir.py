@@ -50,6 +50,12 @@ class RunDirError(ValueError):
   """Bad run-directory input; the message names the problem and the fix."""
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (`kill`, Slurm, `docker stop`, a stopped sweep), raised where the
+  program is, as Ctrl-C raises KeyboardInterrupt: a run records why it
+  stopped in status.json before it exits."""
+
+
 def fsync_dir(path: str) -> None:
   """Flushes a directory entry (a rename or a new file) to disk, where supported."""
   try:

@@ -32,7 +32,7 @@ from agents.rainbow_agent import RainbowAgent
 from experiments import environments
 from experiments.checkpoints import Checkpointer
 from experiments.logger import MetricsLogger, read_metrics, truncate_metrics
-from experiments.run_dir import RunDir, RunDirError
+from experiments.run_dir import RunDir, RunDirError, Terminated
 from networks.checks import MAX_SEED, check_flags, is_int
 from networks.q_network import count_parameters
 
@@ -338,8 +338,12 @@ class Runner:
     if error is None:
       self._run_dir.write_status('done', iteration)
     else:
-      message = ('interrupted' if isinstance(error, KeyboardInterrupt)
-                 else f'{type(error).__name__}: {error}')
+      if isinstance(error, Terminated):
+        message = 'terminated (SIGTERM)'
+      elif isinstance(error, KeyboardInterrupt):
+        message = 'interrupted'
+      else:
+        message = f'{type(error).__name__}: {error}'
       self._run_dir.write_status('failed', iteration, message)
     self._logger.close()
 

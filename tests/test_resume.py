@@ -174,3 +174,34 @@ def test_sigkill_mid_iteration_then_resume(tmp_path):
     for key in ref:
       if key not in TIMING_KEYS:
         assert row[key] == ref[key], (row['iteration'], key)
+
+
+def test_sigterm_is_recorded_and_the_run_resumes(tmp_path):
+  # SIGTERM (kill, Slurm, a stopped sweep) stops a run as Ctrl-C does: exit
+  # 143, status.json 'failed' with the reason, and the same command resumes.
+  base_dir = str(tmp_path / 'run')
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  process = subprocess.Popen(_command(base_dir), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=str(tmp_path), env=env)
+  try:
+    _wait_for_iteration_1(process, base_dir)
+    assert process.poll() is None, 'finished before it could be stopped'
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  stderr = process.stderr.read().decode()
+  assert process.returncode == 143, stderr[-2000:]
+  assert stderr.rstrip().endswith('moerl: terminated (SIGTERM)')
+  assert 'Traceback' not in stderr
+  status = _status(base_dir)
+  assert status['state'] == 'failed' and status['error'] == 'terminated (SIGTERM)'
+  resumed = subprocess.run(_command(base_dir), capture_output=True,
+                           cwd=str(tmp_path), env=env, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+  assert _status(base_dir)['state'] == 'done'
+  with open(os.path.join(base_dir, 'metrics.jsonl'), encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f.read().splitlines()]
+  assert [r['iteration'] for r in rows] == list(range(NUM_ITERATIONS))
