@@ -52,8 +52,11 @@ def _phase_seed(seed: int, iteration: int, phase: int) -> int:
 
 
 class Progress:
-  """A progress bar (steps/s, recent return) on a terminal; silent on other
-  streams (CI, sweep logs), where the runner prints one line per iteration."""
+  """A progress bar (steps/s, recent return) on a terminal. On other streams
+  (sweep logs, batch jobs), one plain line every `LINE_SECONDS`, besides the
+  runner's line per iteration."""
+
+  LINE_SECONDS = 60.0
 
   def __init__(self, total: int, description: str, stream=sys.stderr):
     self._bar = None
@@ -63,9 +66,14 @@ class Progress:
                        dynamic_ncols=True, leave=False, file=stream,
                        mininterval=0.5)
     self._pending = 0
+    self._total, self._description, self._stream = total, description, stream
+    self._done, self._recent = 0, None
+    self._start = time.monotonic()
+    self._next_line = self._start + self.LINE_SECONDS
 
   def update(self, steps: int, recent_return: Optional[float]) -> None:
     if self._bar is None:
+      self._plain_update(steps, recent_return)
       return
     self._pending += steps
     if self._pending >= 200:
@@ -73,6 +81,19 @@ class Progress:
       self._pending = 0
       if recent_return is not None:
         self._bar.set_postfix(ret=f'{recent_return:.1f}', refresh=False)
+
+  def _plain_update(self, steps: int, recent_return: Optional[float]) -> None:
+    self._done += steps
+    if recent_return is not None:
+      self._recent = recent_return
+    now = time.monotonic()
+    if now < self._next_line:
+      return
+    self._next_line = now + self.LINE_SECONDS
+    recent = '' if self._recent is None else f', recent return {self._recent:.1f}'
+    print(f'{self._description}: {self._done}/{self._total} agent steps, '
+          f'{self._done / (now - self._start):.0f} steps/s{recent}',
+          file=self._stream, flush=True)
 
   def close(self) -> None:
     if self._bar is not None:
@@ -193,6 +214,7 @@ class Runner:
     self.clip_rewards = clip_rewards
     self.num_envs = num_envs
     self.seed = seed
+    self.label = ''  # prefix of the lines the run prints (a group names seeds)
     self.checkpoint_replay = checkpoint_replay
     self._log_stream = log_stream or sys.stderr
     self._make_env = lambda n: create_environment_fn(
@@ -292,6 +314,11 @@ class Runner:
     self._checkpointer = Checkpointer(self._run_dir.checkpoint_dir)
     latest = self._checkpointer.latest_iteration() if resume else None
     start = 0 if latest is None else latest + 1
+    if start > self.num_iterations:
+      raise RunDirError(
+          f'--base_dir {self.base_dir} holds {start} finished iterations, more '
+          f'than Runner.num_iterations = {self.num_iterations}; pass {start} or '
+          'more to extend the run, or use a new --base_dir.')
     # A run killed between logging an iteration and checkpointing it has one
     # logged iteration past its checkpoint, which the resume drops; more means
     # checkpoints were removed, and resuming would drop logged results.
@@ -332,7 +359,8 @@ class Runner:
     self._checkpointer.save(metrics['iteration'],
                             self._checkpoint_state(with_replay=True))
     self._run_dir.write_status('running', metrics['iteration'] + 1)
-    print(_summary_line(metrics), file=self._log_stream, flush=True)
+    print(self.label + _summary_line(metrics), file=self._log_stream,
+          flush=True)
 
   def end_run(self, iteration: int, error: Optional[BaseException]) -> None:
     if error is None:
@@ -350,6 +378,16 @@ class Runner:
   def run_experiment(self, operative_config: str) -> None:
     """Runs (or resumes) every iteration."""
     iteration = self.open_run(operative_config)
+    if iteration == self.num_iterations:
+      self._run_dir.write_config(self._operative_config)
+      self._run_dir.write_status('done', iteration)
+      print(f'{self.base_dir}: all {iteration} iterations are done; nothing to '
+            'train (a larger Runner.num_iterations extends the run).',
+            file=self._log_stream, flush=True)
+      return
+    print(self.label + start_line(self.base_dir, iteration, self.num_iterations,
+                                   self.training_steps),
+          file=self._log_stream, flush=True)
     self.start_logging(iteration)
     try:
       while iteration < self.num_iterations:
@@ -424,6 +462,15 @@ class Runner:
 
 def _format(value, spec: str) -> str:
   return 'n/a' if value is None else format(value, spec)
+
+
+def start_line(base_dir: str, iteration: int, num_iterations: int,
+                training_steps: int) -> str:
+  if iteration:
+    return (f'{base_dir}: resuming at iteration {iteration} of {num_iterations} '
+            f'({training_steps} agent steps each)')
+  return (f'{base_dir}: starting, {num_iterations} iterations of '
+          f'{training_steps} agent steps')
 
 
 def _summary_line(m: Dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ serial, in Dopamine's order: `DQNAgent.pipeline_updates` applies to lone runs
 refused here.
 """
 
+import os
 from typing import Any, Dict, List, Sequence
 
 import jax
@@ -26,7 +27,7 @@ from agents import devices
 from agents.metric_sums import MetricSums
 from experiments.run_dir import RunDirError
 from networks.expert_metrics import GRAM_KEY
-from experiments.runner import Progress, Runner
+from experiments.runner import Progress, Runner, start_line
 
 
 def _split_evenly(count: int, parts: int) -> List[range]:
@@ -84,6 +85,8 @@ class SeedGroup:
       raise ValueError('a SeedGroup needs at least one runner.')
     self.runners = list(runners)
     self.agents = [r.agent for r in self.runners]
+    for runner in self.runners:
+      runner.label = f'seed {runner.seed}: '
     if any(agent.async_acting for agent in self.agents):
       raise ValueError('DQNAgent.async_acting applies to lone runs; a '
                        '--num_seeds group acts synchronously: unbind it, or '
@@ -225,10 +228,14 @@ class SeedGroup:
     if iteration > 0:
       for runner in self.runners:
         runner.restore_checkpoint(iteration - 1)
+    num_iterations = self.runners[0].num_iterations
+    lead = self.runners[0]
+    print(f'{len(self.runners)} seeds, ' + start_line(
+        os.path.dirname(lead.base_dir), iteration, num_iterations,
+        lead.training_steps), file=lead._log_stream, flush=True)
     for runner in self.runners:
       runner.start_logging(iteration)
     self.gather_states()
-    num_iterations = self.runners[0].num_iterations
     try:
       while iteration < num_iterations:
         for runner, metrics in zip(self.runners, self.run_iteration(iteration)):

@@ -1,11 +1,13 @@
 """The runner's phase on Atari: what ends an episode for the agent and for the logs."""
 
+import io
 import os
 import re
 
 import numpy as np
 
 from experiments import cli, gin_config
+from experiments import runner as runner_lib
 from experiments.runner import Runner
 
 
@@ -101,3 +103,23 @@ def test_bad_frame_skip_is_refused_on_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and 'frame_skip' in err[0], err
   assert not os.path.exists(base_dir)
+
+
+def test_progress_off_a_terminal_prints_plain_lines(monkeypatch):
+  stream = io.StringIO()  # not a TTY: no bar
+  monkeypatch.setattr(runner_lib.Progress, 'LINE_SECONDS', 0.0)
+  progress = runner_lib.Progress(1000, 'iter 3 train', stream)
+  progress.update(200, None)
+  progress.update(300, -20.5)
+  progress.close()
+  lines = stream.getvalue().splitlines()
+  assert len(lines) == 2
+  assert lines[0].startswith('iter 3 train: 200/1000 agent steps, ')
+  assert lines[1].startswith('iter 3 train: 500/1000 agent steps, ')
+  assert lines[1].endswith('steps/s, recent return -20.5')
+  # With the default interval, a short phase prints nothing but its summary.
+  monkeypatch.undo()
+  quiet = io.StringIO()
+  progress = runner_lib.Progress(1000, 'iter 0 train', quiet)
+  progress.update(500, 1.0)
+  assert quiet.getvalue() == ''

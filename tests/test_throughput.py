@@ -259,7 +259,7 @@ def _metrics(path):
     ('cartpole_rainbow_softmoe.gin', 3),
 ])
 def test_seed_in_a_group_matches_the_same_seed_alone(tmp_path, gin_file,
-                                                      num_seeds):
+                                                      num_seeds, capsys):
   agent = 'RainbowAgent' if 'rainbow' in gin_file else 'DQNAgent'
   bindings = [CARTPOLE[0], f'{agent}.min_replay_history = 200', CARTPOLE[2],
               'Runner.num_iterations = 2']
@@ -269,6 +269,9 @@ def test_seed_in_a_group_matches_the_same_seed_alone(tmp_path, gin_file,
     args += ['--gin_bindings', b]
   assert cli.main(args + ['--base_dir', group_dir,
                           '--num_seeds', str(num_seeds)]) == 0
+  printed = capsys.readouterr().err  # each seed's summary line says whose it is
+  for seed in range(num_seeds):
+    assert f'seed {seed}: iteration 1: agent_steps=' in printed, printed
   assert cli.main(args + ['--base_dir', alone_dir,
                           '--gin_bindings', 'Runner.seed = 1']) == 0
   assert sorted(os.listdir(group_dir)) == [f'seed{s}' for s in range(num_seeds)]

@@ -322,12 +322,25 @@ def test_refuses_misplaced_run_entries(cartpole_runs, tmp_path, command, entry,
 
 def test_rerunning_a_finished_run_changes_no_results(cartpole_runs, tmp_path):
   base_dir = _copy_run(cartpole_runs[0], tmp_path)
-  before = _read_metrics(base_dir)
+  before = _snapshot(base_dir)
   code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS)
   assert code == 0, err
-  assert _read_metrics(base_dir) == before
+  assert 'all 2 iterations are done; nothing to train' in err
+  after = _snapshot(base_dir)
+  assert set(after) == set(before)  # no new (empty) TensorBoard file either
+  assert all(after[f] == before[f] for f in after if f != 'status.json')
   with open(os.path.join(base_dir, 'status.json'), encoding='utf-8') as f:
     assert json.load(f)['state'] == 'done'
+
+
+def test_fewer_iterations_than_a_run_holds_is_refused(cartpole_runs, tmp_path):
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  before = _snapshot(base_dir)
+  code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS +
+                          ['--gin_bindings', 'Runner.num_iterations = 1'])
+  _assert_usage_error(code, err, 'holds 2 finished iterations',
+                      'Runner.num_iterations = 1')
+  assert _snapshot(base_dir) == before
 
 
 @pytest.mark.parametrize('argv,fragments', [
