@@ -155,14 +155,14 @@ def normalise_config(text: str) -> str:
   return re.sub(r"\s*([^\w\s])\s*", r"\1", body).strip()
 
 
-_NUM_ITERATIONS_RE = re.compile(r"^\s*Runner\.num_iterations\s*=.*$", re.MULTILINE)
+NUM_ITERATIONS_RE = re.compile(r"^\s*Runner\.num_iterations\s*=.*$", re.MULTILINE)
 
 
 def _run_identity(config: str) -> str:
   """What makes two configs the same run: everything but the number of
   iterations, so a finished run can be extended (as in Dopamine) by resuming
   it with a larger `Runner.num_iterations`."""
-  return normalise_config(_NUM_ITERATIONS_RE.sub("", config))
+  return normalise_config(NUM_ITERATIONS_RE.sub("", config))
 
 
 def _now_iso() -> str:

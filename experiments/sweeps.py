@@ -63,7 +63,9 @@ different sweep (another ``name``, or a run of the same name with other gin file
 bindings), and a non-empty ``out_dir`` without a manifest. These checks and those of the spec,
 bindings, options and ``--seeds_per_process`` grouping run before anything is printed or
 written, in a dry run too. Adding seeds or axis values to a sweep and rerunning into the same
-``out_dir`` is allowed and runs only the new runs.
+``out_dir`` is allowed and runs only the new runs. A changed ``Runner.num_iterations``
+binding keeps the sweep the same (as for ``moerl train``): its done runs are run again, and
+``moerl train`` extends each from its last checkpoint.
 
 Backends
 --------
@@ -93,7 +95,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
-from experiments.run_dir import SWEEP_LOG, RunDirError, atomic_write_json
+from experiments.run_dir import NUM_ITERATIONS_RE, SWEEP_LOG, RunDirError, atomic_write_json
 from experiments.run_dir import read_status as read_run_status
 from networks.checks import is_int
 
@@ -820,9 +822,18 @@ def _print_plan(spec: SweepSpec, runs: list[RunSpec], states: dict[str, str | No
     print(_table(rows, ["run", "state", "gin files", "bindings"]), file=stream, flush=True)
 
 
-def _check_out_dir(spec: SweepSpec, runs: list[RunSpec], out_dir: Path) -> str | None:
+def _same_run_bindings(old: list[str], new: list[str]) -> bool:
+    """Whether two runs' bindings make the same run: ``Runner.num_iterations`` may
+    differ, as for ``moerl train`` (a larger one extends the run)."""
+    identity = lambda bindings: [b for b in bindings if not NUM_ITERATIONS_RE.match(b)]
+    return identity(old) == identity(new)
+
+
+def _check_out_dir(spec: SweepSpec, runs: list[RunSpec],
+                   out_dir: Path) -> tuple[str | None, set[str]]:
     """Refuses an out_dir holding something else, without writing; returns the
-    ``created`` time of its manifest (None for a new out_dir)."""
+    ``created`` time of its manifest (None for a new out_dir) and the names of the
+    runs whose ``Runner.num_iterations`` changed."""
     manifest_path = out_dir / "manifest.json"
     if out_dir.exists() and not out_dir.is_dir():
         raise SweepError(f"out_dir {out_dir} is a file; choose a new or empty directory")
@@ -830,7 +841,7 @@ def _check_out_dir(spec: SweepSpec, runs: list[RunSpec], out_dir: Path) -> str |
         if out_dir.exists() and any(out_dir.iterdir()):
             raise SweepError(f"{out_dir} is not empty and holds no sweep manifest.json; "
                              f"choose an empty or new out_dir")
-        return None
+        return None, set()
     try:
         old = json.loads(manifest_path.read_text(encoding="utf-8"))
         old_name = old["sweep"]
@@ -844,19 +855,22 @@ def _check_out_dir(spec: SweepSpec, runs: list[RunSpec], out_dir: Path) -> str |
     if old_name != spec.name:
         raise SweepError(f"{out_dir} holds sweep {old_name!r}, not {spec.name!r}; choose "
                          f"another out_dir")
+    resized = set()
     for r in runs:
         o = old_runs.get(r.name)
         if o is not None and (list(o.get("gin_files", [])) != list(r.gin_files)
-                              or list(o.get("bindings", [])) != list(r.bindings)):
+                              or not _same_run_bindings(o.get("bindings", []), r.bindings)):
             raise SweepError(f"{out_dir} holds run {r.name!r} of sweep {spec.name!r} with "
                              f"other gin files or bindings; choose another out_dir or "
-                             f"restore the spec")
+                             f"restore the spec (Runner.num_iterations may change)")
+        if o is not None and list(o.get("bindings", [])) != list(r.bindings):
+            resized.add(r.name)
         name = Path(r.name)
         for path in (out_dir / p for p in (name, *name.parents[:-1])):  # not out_dir
             if path.exists() and not path.is_dir():
                 raise SweepError(f"{path} is a file where run {r.name!r} keeps its "
                                  f"directory; move it away or choose another out_dir")
-    return old.get("created")
+    return old.get("created"), resized
 
 
 def _write_manifest(spec: SweepSpec, runs: list[RunSpec], out_dir: Path,
@@ -921,8 +935,11 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
     spec = load_spec(spec_path)
     runs = expand(spec, validate_binding=validate_binding)
     out = Path(out_dir).expanduser().resolve()
-    created = _check_out_dir(spec, runs, out)
+    created, resized = _check_out_dir(spec, runs, out)
     states = {r.name: _read_status(out / r.name).get("state") for r in runs}
+    for name in resized:  # a done run with another Runner.num_iterations: resume it
+        if states[name] == "done":
+            states[name] = "done, num_iterations changed"
     todo = [r for r in runs if states[r.name] != "done"]
     jobs = _plan_jobs(spec, runs, todo, seeds_per_process)
     result = SweepResult(out_dir=str(out), runs=runs, dry_run=dry_run)

@@ -372,6 +372,33 @@ def test_resource_requests_must_be_finite_and_non_negative(gin_dir, tmp_path, cp
     assert not (tmp_path / "out").exists()
 
 
+def test_a_changed_num_iterations_reruns_done_runs_and_nothing_else(gin_dir, fake_trainer,
+                                                                      tmp_path):
+    spec = 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0, 1]\nbindings = ["{b}"]\n'
+    out = tmp_path / "out"
+    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 2"))
+    assert run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO()).ok
+    runs = sorted(p.parent for p in out.rglob("invocations.txt"))
+    # A larger Runner.num_iterations is the same sweep: each done run is run again (moerl
+    # train resumes and extends it) ...
+    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 5"))
+    plan = io.StringIO()
+    run_sweep(path, out, dry_run=True, stream=plan)
+    assert plan.getvalue().count("done, num_iterations changed") == 2
+    result = run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
+    assert len(result.done) == 2 and not result.skipped
+    for run in runs:
+        assert [json.loads(line)[0] for line in invocations(run)] == [
+            "Runner.num_iterations = 2", "Runner.num_iterations = 5"]
+    # ... and once done at that size, skipped.
+    again = run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
+    assert len(again.skipped) == 2 and not again.done
+    # Any other binding still makes it another sweep.
+    path = write(gin_dir / "s.toml", spec.format(b="Runner.training_steps = 5"))
+    with pytest.raises(SweepError, match="other gin files or bindings"):
+        run_sweep(path, out, dry_run=True, stream=io.StringIO())
+
+
 def test_ray_address_needs_the_ray_backend(gin_dir, tmp_path):
     path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
     with pytest.raises(SweepError, match="needs the ray backend"):
