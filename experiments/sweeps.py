@@ -366,14 +366,30 @@ def _axis_keys(grid: dict, zips: Iterable[dict]) -> list[str]:
     return keys
 
 
+def shipped_specs() -> dict[str, str]:
+    """File name -> path of the specs moerl ships (``configs/sweeps/*.toml``)."""
+    import importlib.resources  # pylint: disable=g-import-not-at-top
+    folder = importlib.resources.files("configs") / "sweeps"
+    return {f.name: str(f) for f in folder.iterdir() if f.name.endswith(".toml")}
+
+
 def load_spec(path: str | os.PathLike) -> SweepSpec:
-    """Read and validate a sweep spec TOML file; raise SweepError on bad input."""
+    """Read and validate a sweep spec TOML file; raise SweepError on bad input.
+
+    A bare file name that is not in the working directory names a shipped spec
+    (``quickstart.toml``), as ``--gin_files`` names shipped configs."""
     path = str(path)
+    bare = os.path.basename(path) == path
+    if bare and not os.path.exists(path):
+        path = shipped_specs().get(path, path)
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
-        raise SweepError(f"sweep file {path} does not exist; check the path") from None
+        hint = "check the path"
+        if bare:
+            hint += f", or name a shipped spec: {', '.join(sorted(shipped_specs()))}"
+        raise SweepError(f"sweep file {path} does not exist; {hint}") from None
     except IsADirectoryError:
         raise SweepError(f"sweep file {path} is a directory; pass a .toml file") from None
     except tomllib.TOMLDecodeError as e:

@@ -406,6 +406,15 @@ def test_ray_address_needs_the_ray_backend(gin_dir, tmp_path):
                   stream=io.StringIO())
 
 
+def test_a_bare_name_finds_a_shipped_spec(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no quickstart.toml here
+    assert load_spec("quickstart.toml").name == "quickstart"
+    with pytest.raises(SweepError, match="name a shipped spec: .*quickstart.toml"):
+        load_spec("quickstrat.toml")
+    (tmp_path / "quickstart.toml").write_text('name = "mine"\ngin_files = ["dqn.gin"]\n')
+    assert load_spec("quickstart.toml").name == "mine"  # a local file comes first
+
+
 def test_spec_that_is_not_utf8_is_refused(tmp_path):
     path = tmp_path / "s.toml"
     path.write_bytes(b'name = "\xff\xfe"\n')
