@@ -50,10 +50,10 @@ Output (``out_dir``, default ``runs_dir/plots``), each figure as PNG and PDF
 * ``summary.csv`` with the columns ``SUMMARY_COLUMNS``. ``level=run``: one row per run
   (``final_score``, ``hns``, ``last_n``, ``final_iteration``: the game's horizon).
   ``level=game``: per series and game, mean over seeds of ``final_score`` and ``hns`` with a
-  t-interval of ``final_score`` in ``ci_low``/``ci_high``. ``level=aggregate`` (Atari only):
-  per series, ``game="atari"``, ``iqm`` of HNS over the common games (``num_games``) x
-  seeds (``num_runs`` values) with bootstrap ``ci_low``/``ci_high``. Floats are written with
-  full precision.
+  t-interval of ``final_score`` (raw returns, not HNS) in ``ci_low``/``ci_high``, blank for one
+  seed. ``level=aggregate`` (Atari only): per series, ``game="atari"``, ``iqm`` of HNS over the
+  common games (``num_games``) x seeds (``num_runs`` values) with bootstrap
+  ``ci_low``/``ci_high`` (HNS). Floats are written with full precision.
 """
 
 from __future__ import annotations
@@ -625,6 +625,8 @@ def summary_rows(runs: Sequence[Run], final: dict[tuple, FinalScore], *, reps: i
     for (series, game), rs in sorted(groups.items()):
         fs = [final[r.key].score for r in rs]
         mean, lo, hi = scores_lib.mean_ci(fs)
+        if np.isfinite(fs).sum() < 2:  # one seed has no interval: left blank
+            lo = hi = math.nan
         hns = [final[r.key].hns for r in rs]
         r0 = rs[0]
         rows.append(dict(level="game", variant=r0.variant, series=series, agent=r0.agent,

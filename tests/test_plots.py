@@ -319,3 +319,12 @@ def test_a_figure_that_cannot_be_drawn_leaves_the_previous_plots(tmp_path):
     with pytest.raises(PlotError, match="cannot draw learning_curves"):
         plot_runs(tmp_path / "bad", out, reps=50)
     assert {f: open(f, "rb").read() for f in result.files} == before
+
+
+def test_one_seed_has_no_interval_in_summary(tmp_path):
+    write_run(tmp_path, None, "dense", 1, 1000, "pong", 0, atari=True,
+              returns=[1.0, 2.0, 3.0])
+    rows = read_summary(plot_runs(tmp_path, reps=50).summary_csv)
+    (game,) = [r for r in rows if r["level"] == "game"]
+    assert game["num_runs"] == "1" and float(game["final_score"]) == 3.0
+    assert game["ci_low"] == game["ci_high"] == ""  # not a zero-width interval
