@@ -6,7 +6,7 @@
   moerl sweep  SPEC --out DIR [--workers N] [--backend local|ray] [--dry_run]
                [--seeds_per_process] [--ray_address A] [--cpus_per_run C]
                [--gpus_per_run G]
-  moerl plot   DIR [--out OUT] [--last_n N]
+  moerl plot   DIR [--out OUT] [--last_n N] [--metric train|eval]
   moerl bench  [--networks] [--agent] [--envs] [--throughput] [--quick] [--json]
   moerl experts --base_dir D [--keep 1,2,4] [--states N] [--episodes N] [--seed S]
   moerl representation [--out DIR] [--steps N] [--seed S] [--experts 1,8]
@@ -206,7 +206,8 @@ def cmd_sweep(args) -> int:
 def cmd_plot(args) -> int:
   from experiments import plots  # pylint: disable=g-import-not-at-top
   try:
-    result = plots.plot_runs(args.dir, args.out, last_n=args.last_n)
+    result = plots.plot_runs(args.dir, args.out, last_n=args.last_n,
+                             metric=args.metric)
   except plots.PlotError as e:
     raise UsageError(str(e)) from None
   for note in result.notes:
@@ -347,6 +348,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--out', default=None, help='output directory (default DIR/plots)')
   p.add_argument('--last_n', type=int, default=None,
                  help='iterations averaged for final scores (default 10%% of a run)')
+  p.add_argument('--metric', choices=('train', 'eval'), default=None,
+                 help='returns to plot (default: training returns, or evaluation '
+                      'returns when no run logged training returns)')
   p.set_defaults(func=cmd_plot)
 
   p = sub.add_parser('bench', help='speed and memory figures on this machine')

@@ -679,9 +679,16 @@ def summary_csv(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
+METRICS = ("train", "eval")
+
+
 def plot_runs(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-              last_n: int | None = None, reps: int = 2000, seed: int = 0) -> PlotResult:
+              last_n: int | None = None, reps: int = 2000, seed: int = 0,
+              metric: str | None = None) -> PlotResult:
     """Read every metrics.jsonl under ``runs_dir`` and write figures and summary.csv.
+
+    ``metric``: 'train' or 'eval' returns; by default training returns, or evaluation
+    returns where no run logged training returns (``choose_metric``).
 
     ``last_n``: iterations averaged for a run's final score, counted back from its game's
     common horizon (default 10% of the iterations up to it, at least 1).
@@ -692,6 +699,8 @@ def plot_runs(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
                         f"or more")
     if not is_int(reps) or reps < 1:
         raise PlotError(f"reps must be a positive integer, got {reps!r}; pass 1 or more")
+    if metric is not None and metric not in METRICS:
+        raise PlotError(f"metric {metric!r} is unknown; use one of {', '.join(METRICS)}")
     notes: list[str] = []
     runs = load_runs(runs_dir, notes)
     out = Path(out_dir) if out_dir is not None else Path(runs_dir) / "plots"
@@ -704,9 +713,13 @@ def plot_runs(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         raise PlotError(f"cannot write plots to {out} ({e.strerror}); pass a writable "
                         f"--out") from None
 
-    metric = choose_metric(runs)
-    if metric == "eval":
-        notes.append("no training returns logged: plotted evaluation returns")
+    if metric is None:
+        metric = choose_metric(runs)
+        if metric == "eval":
+            notes.append("no training returns logged: plotted evaluation returns")
+    if not any(np.isfinite(_values(r, metric)).any() for r in runs):
+        raise PlotError(f"no run logged {metric} returns; pass --metric "
+                        f"{'eval' if metric == 'train' else 'train'}, or runs that have them")
     final = final_scores(runs, metric, last_n, notes)
     panels = scaling_points(runs, final, reps=reps, seed=seed, notes=notes)
     colors = color_map([r.series for r in runs]

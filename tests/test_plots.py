@@ -328,3 +328,21 @@ def test_one_seed_has_no_interval_in_summary(tmp_path):
     (game,) = [r for r in rows if r["level"] == "game"]
     assert game["num_runs"] == "1" and float(game["final_score"]) == 3.0
     assert game["ci_low"] == game["ci_high"] == ""  # not a zero-width interval
+
+
+def test_metric_chooses_the_returns_plotted(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, None, "dense", 1, 1000, "pong", 0, atari=True, returns=[1.0, 2.0])
+    train = plot_runs(root, tmp_path / "a", reps=50)
+    assert train.metric == "train"
+    # These runs logged no evaluation returns: asking for them is refused.
+    with pytest.raises(PlotError, match="no run logged eval returns; pass --metric train"):
+        plot_runs(root, tmp_path / "b", reps=50, metric="eval")
+    with pytest.raises(PlotError, match="metric 'test' is unknown"):
+        plot_runs(root, tmp_path / "b", reps=50, metric="test")
+    evals = tmp_path / "evals"
+    write_run(evals, None, "dense", 1, 1000, "pong", 0, atari=True, returns=[5.0, 7.0],
+              eval_only=True)
+    result = plot_runs(evals, tmp_path / "c", reps=50, metric="eval")
+    (run,) = [r for r in read_summary(result.summary_csv) if r["level"] == "run"]
+    assert result.metric == "eval" and float(run["final_score"]) == 7.0
