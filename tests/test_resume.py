@@ -83,6 +83,22 @@ def _wait_for_iteration_1(process, base_dir, timeout=240):
   raise AssertionError(f'no ckpt_0 after {timeout}s')
 
 
+def _signal_in_iteration_1(base_dir, cwd, env, signum):
+  """Starts training, sends `signum` once iteration 1 runs; (exit code, stderr)."""
+  process = subprocess.Popen(_command(base_dir), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=str(cwd), env=env)
+  try:
+    _wait_for_iteration_1(process, base_dir)
+    assert process.poll() is None, 'finished before the signal could be sent'
+    process.send_signal(signum)
+    process.wait(timeout=60)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  return process.returncode, process.stderr.read()
+
+
 def _logged_iterations(stderr):
   """Iterations whose summary line (`iteration N: ...`) a process printed."""
   return [int(m.group(1)) for m in
@@ -93,19 +109,9 @@ def test_sigkill_mid_iteration_then_resume(tmp_path):
   base_dir = str(tmp_path / 'run')
   metrics_path = os.path.join(base_dir, 'metrics.jsonl')
   env = dict(os.environ, PYTHONUNBUFFERED='1')
-  process = subprocess.Popen(_command(base_dir), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, cwd=str(tmp_path), env=env)
-  try:
-    _wait_for_iteration_1(process, base_dir)
-    assert process.poll() is None, 'finished before it could be killed'
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-  finally:
-    if process.poll() is None:
-      process.kill()
-      process.wait()
-  assert process.returncode == -signal.SIGKILL
-  killed_stderr = process.stderr.read()
+  returncode, killed_stderr = _signal_in_iteration_1(base_dir, tmp_path, env,
+                                                     signal.SIGKILL)
+  assert returncode == -signal.SIGKILL
   # Killed in iteration 1: ckpt_0 is the newest finished checkpoint (a kill
   # during ckpt_1's save leaves only ckpt_1.tmp, which is not finished).
   checkpoints_at_kill = _finished_checkpoints(base_dir)
@@ -181,19 +187,10 @@ def test_sigterm_is_recorded_and_the_run_resumes(tmp_path):
   # 143, status.json 'failed' with the reason, and the same command resumes.
   base_dir = str(tmp_path / 'run')
   env = dict(os.environ, PYTHONUNBUFFERED='1')
-  process = subprocess.Popen(_command(base_dir), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, cwd=str(tmp_path), env=env)
-  try:
-    _wait_for_iteration_1(process, base_dir)
-    assert process.poll() is None, 'finished before it could be stopped'
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
-  finally:
-    if process.poll() is None:
-      process.kill()
-      process.wait()
-  stderr = process.stderr.read().decode()
-  assert process.returncode == 143, stderr[-2000:]
+  returncode, stderr = _signal_in_iteration_1(base_dir, tmp_path, env,
+                                              signal.SIGTERM)
+  stderr = stderr.decode()
+  assert returncode == 143, stderr[-2000:]
   assert stderr.rstrip().endswith('moerl: terminated (SIGTERM)')
   assert 'Traceback' not in stderr
   status = _status(base_dir)
