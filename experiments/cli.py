@@ -425,8 +425,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print('moerl: interrupted', file=sys.stderr)
     return EXIT_INTERRUPTED
   finally:
-    if in_main_thread:
-      signal.signal(signal.SIGTERM, previous)
+    if in_main_thread:  # None: the handler was not set from Python
+      signal.signal(signal.SIGTERM,
+                    signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == '__main__':
