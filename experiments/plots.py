@@ -72,7 +72,8 @@ import numpy as np
 
 from experiments import scores as scores_lib
 from experiments.logger import read_metrics
-from experiments.run_dir import atomic_write_bytes, figure_bytes
+from experiments.run_dir import (RunDirError, atomic_write_bytes, check_output_files,
+                                 figure_bytes)
 from networks.checks import is_int
 
 
@@ -706,11 +707,10 @@ def plot_runs(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     out = Path(out_dir) if out_dir is not None else Path(runs_dir) / "plots"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise PlotError(f"cannot write plots to {out} ({e.strerror}); pass a writable "
+        check_output_files(str(out / "summary.csv"))
+    except (OSError, RunDirError) as e:
+        problem = e.strerror if isinstance(e, OSError) else str(e)
+        raise PlotError(f"cannot write plots to {out} ({problem}); pass a writable "
                         f"--out") from None
 
     if metric is None:
