@@ -50,6 +50,50 @@ def _build_runner(base_dir, gin_files, gin_bindings, **kwargs):
     raise UsageError(f'bad config: {_config_error(e)}') from None
 
 
+def _warn_unused(gin_bindings) -> None:
+  """One warning line per --gin_bindings entry that the built config never
+  used (e.g. a SoftMoE parameter on a dense config): such a run trains, but
+  not what the binding asks for. Not an error: a sweep may pass one binding
+  to variants that use it and variants that do not."""
+  from experiments import gin_config  # pylint: disable=g-import-not-at-top
+  for binding in gin_config.unused_bindings(gin_bindings):
+    print(f'moerl: warning: --gin_bindings {binding!r} has no effect: nothing '
+          'this config builds uses that parameter.', file=sys.stderr)
+
+
+def effective_config(gin_files, gin_bindings) -> str:
+  """Builds the config's Runner (no run directory) and returns the parameters
+  it used (gin's operative config); ValueError for bad input."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from experiments import gin_config  # pylint: disable=g-import-not-at-top
+  try:
+    runner = _build_runner(None, list(gin_files), list(gin_bindings))
+  except (UsageError, gin_config.GinConfigError) as e:
+    raise ValueError(str(e)) from None
+  try:
+    return gin.operative_config_str()
+  finally:
+    runner.close()
+
+
+def effective_configs(configs):
+  """Yields `effective_config(gin_files, bindings)` for each pair of `configs`,
+  built one after another in one spawned child process: JAX never starts in
+  the calling process, from which a sweep forks its runs. ValueError for bad
+  input, as `effective_config`."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  context = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+    for gin_files, gin_bindings in configs:
+      future = pool.submit(effective_config, gin_files, gin_bindings)
+      try:
+        yield future.result()
+      except concurrent.futures.process.BrokenProcessPool:
+        raise ValueError('building the config killed its process (out of '
+                         'memory?); use a smaller config') from None
+
+
 def _out_of_memory(error: BaseException) -> str:
   from experiments import gin_config  # pylint: disable=g-import-not-at-top
   line = gin_config.first_line(error).rstrip('.')
@@ -79,6 +123,7 @@ def cmd_train(args) -> int:
   if args.num_seeds > 1:
     return _train_seeds(args)
   runner = _build_runner(args.base_dir, args.gin_files, args.gin_bindings)
+  _warn_unused(args.gin_bindings)
   _run_experiment(runner, gin.operative_config_str())
   print(f'done: metrics in {os.path.join(args.base_dir, "metrics.jsonl")}; '
         f'view with: tensorboard --logdir {args.base_dir}', file=sys.stderr)
@@ -113,6 +158,7 @@ def _train_seeds(args) -> int:
     runners.append(_build_runner(base_dir, args.gin_files,
                                  args.gin_bindings + [f'Runner.seed = {seed}']))
     configs.append(gin.operative_config_str())
+  _warn_unused(args.gin_bindings)
   try:
     group = SeedGroup(runners)
   except ValueError as e:
@@ -196,6 +242,7 @@ def cmd_sweep(args) -> int:
         ray_address=args.ray_address, dry_run=args.dry_run,
         command_prefix=(sys.executable, '-m', 'experiments.cli', 'train'),
         validate_binding=gin_config.validate_binding,
+        effective_configs=effective_configs,
         cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
         seeds_per_process=args.seeds_per_process)
   except sweeps.SweepError as e:

@@ -91,3 +91,24 @@ def validate_binding(binding: str) -> None:
     raise ValueError(first_line(e)) from None
   finally:
     gin.clear_config()
+
+
+def unused_bindings(gin_bindings: Sequence[str]) -> List[str]:
+  """The bindings, of `gin_bindings`, whose parameter no configurable has used.
+
+  Call it after the config is built (every moerl configurable is called while
+  the Runner is built). Macros, imports and includes are not checked.
+  """
+  operative = gin.config._OPERATIVE_CONFIG  # pylint: disable=protected-access
+  unused = []
+  for binding in gin_bindings:
+    key = binding.split('=', 1)[0].strip()
+    if '=' not in binding or '.' not in key:
+      continue
+    try:
+      parsed = gin.config.ParsedBindingKey.parse(key)
+    except (ValueError, KeyError, SyntaxError):
+      continue
+    if parsed.arg_name not in operative.get(parsed.config_key, {}):
+      unused.append(binding)
+  return unused

@@ -61,9 +61,12 @@ its ``status.json`` says ``"done"``; any other run is (re)started, and ``moerl t
 from its checkpoint. ``run_sweep`` refuses an ``out_dir`` whose manifest belongs to a
 different sweep (another ``name``, or a run of the same name with other gin files or
 bindings), and a non-empty ``out_dir`` without a manifest. These checks and those of the spec,
-bindings, options and ``--seeds_per_process`` grouping run before anything is printed or
-written, in a dry run too. Adding seeds or axis values to a sweep and rerunning into the same
-``out_dir`` is allowed and runs only the new runs. A changed ``Runner.num_iterations``
+bindings, options and ``--seeds_per_process`` grouping run before anything is written, in
+a dry run too. ``moerl sweep`` then builds each distinct config once (games and seeds aside;
+``check_configs``), so that a bad value, or two runs that would train the same config (an
+axis on a layer the config does not build), is refused before any run starts. Adding
+seeds or axis values to a sweep and rerunning into the same ``out_dir`` is allowed and runs
+only the new runs. A changed ``Runner.num_iterations``
 binding keeps the sweep the same (as for ``moerl train``): its done runs are run again, and
 ``moerl train`` extends each from its last checkpoint.
 
@@ -93,7 +96,7 @@ import threading
 import time
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TextIO
+from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 from experiments.run_dir import NUM_ITERATIONS_RE, SWEEP_LOG, RunDirError, atomic_write_json
 from experiments.run_dir import read_status as read_run_status
@@ -672,6 +675,69 @@ def _name_runs(spec: SweepSpec, runs: list[RunSpec]) -> list[RunSpec]:
     return named
 
 
+def _game_seed_bindings(spec: SweepSpec, r: RunSpec) -> set[str]:
+    """The bindings ``expand`` added for a run's game and seed."""
+    added = set()
+    if r.game is not None:
+        added.add(f"{spec.game_binding} = {gin_literal(r.game)}")
+    if r.seed is not None:
+        added.add(f"{spec.seed_binding} = {r.seed}")
+    return added
+
+
+EffectiveConfigs = Callable[[list[tuple[tuple[str, ...], tuple[str, ...]]]], Iterator[str]]
+
+
+def check_configs(spec: SweepSpec, runs: Sequence[RunSpec], effective_configs: EffectiveConfigs,
+                  stream: TextIO | None = None) -> None:
+    """Builds each distinct config of the sweep once and refuses bad values and duplicates.
+
+    Runs that differ only in game and seed share a config; the first run of each config
+    (every config starts with the same game and seed, by ``expand``'s nesting) is passed,
+    as ``(gin_files, bindings)``, to ``effective_configs``, which yields, config by config,
+    the parameters the built config used (gin's operative config), or raises ValueError
+    for a bad value. Two configs that give the same operative config would train
+    identical runs (for example an axis on a layer the config does not build):
+    SweepError. On a terminal, ``stream`` shows which config is being built (a line that
+    is cleared again, so that a refusal stays one line).
+    """
+    firsts: dict[tuple, RunSpec] = {}
+    for r in runs:
+        own = _game_seed_bindings(spec, r)
+        key = (r.gin_files, tuple(b for b in r.bindings if b not in own))
+        firsts.setdefault(key, r)
+    isatty = getattr(stream, "isatty", None)
+    shown = stream if isatty is not None and isatty() else None
+    seen: dict[str, RunSpec] = {}
+    built = iter(effective_configs([(r.gin_files, r.bindings) for r in firsts.values()]))
+    try:
+        for i, r in enumerate(firsts.values(), 1):
+            if shown is not None:
+                print(f"\r\033[Ksweep {spec.name!r}: building config {i}/{len(firsts)} "
+                      f"({r.name})", end="", file=shown, flush=True)
+            try:
+                config = next(built)
+            except ValueError as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise SweepError(f"{_where(spec.path)}: run {r.name!r}: {msg}") from None
+            finally:
+                if shown is not None:
+                    print("\r\033[K", end="", file=shown, flush=True)
+            first = seen.setdefault(config, r)
+            if first is not r:
+                differ = sorted({b.split("=", 1)[0].strip()
+                                 for b in set(first.bindings) ^ set(r.bindings)})
+                if first.gin_files != r.gin_files:
+                    differ.append("gin_files")
+                raise SweepError(f"{_where(spec.path)}: runs {first.name!r} and {r.name!r} "
+                                 f"would train the same config: they differ only in "
+                                 f"{', '.join(differ)}, which the config does not use (such "
+                                 f"as an axis on a layer it does not build); move that axis "
+                                 f"into the variants that use it, or drop it")
+    finally:  # a generator stops its builder (e.g. a child process) here
+        getattr(built, "close", lambda: None)()
+
+
 def _validate_bindings(spec: SweepSpec, runs: list[RunSpec],
                        validate_binding: Callable[[str], None]) -> None:
     axis_keys = {k for r in runs for k in r.axes}
@@ -935,6 +1001,7 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
               backend: str = "local", ray_address: str | None = None, dry_run: bool = False,
               command_prefix: Sequence[str] = ("moerl", "train"),
               validate_binding: Callable[[str], None] | None = None,
+              effective_configs: EffectiveConfigs | None = None,
               cpus_per_run: float = 1, gpus_per_run: float = 0.0,
               seeds_per_process: bool = False,
               stream: TextIO | None = None) -> SweepResult:
@@ -943,8 +1010,10 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
     With ``seeds_per_process``, consecutive seeds of one run share a process
     (``moerl train --num_seeds``; see ``group_seeds``). See the module docstring for
     the output layout and backends. Raises SweepError for bad input (spec, options,
-    out_dir, job grouping) before anything is printed or written, in a dry run too; a
-    failing run is recorded in ``SweepResult.failed`` and does not stop the others.
+    out_dir, job grouping) before anything is written, in a dry run too; a failing run
+    is recorded in ``SweepResult.failed`` and does not stop the others. With
+    ``effective_configs``, each distinct config is built once first (``check_configs``),
+    printing one progress line per config.
     """
     stream = sys.stderr if stream is None else stream
     _check_options(backend, workers, cpus_per_run, gpus_per_run, command_prefix, ray_address)
@@ -958,6 +1027,8 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
             states[name] = "done, num_iterations changed"
     todo = [r for r in runs if states[r.name] != "done"]
     jobs = _plan_jobs(spec, runs, todo, seeds_per_process)
+    if effective_configs is not None:
+        check_configs(spec, runs, effective_configs, stream)
     result = SweepResult(out_dir=str(out), runs=runs, dry_run=dry_run)
 
     if dry_run:

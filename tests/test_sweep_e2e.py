@@ -85,17 +85,43 @@ def test_local_sweep_then_plot(tmp_path, capsys):
 
 
 def test_failing_run_does_not_stop_the_others(tmp_path, capsys):
-  extra = '[[zip]]\n"SoftMoE.capacity_factor" = [1.0, -1.0]\n'
-  spec = _write_spec(tmp_path, extra,
-                     template='e{num_experts}/cf{capacity_factor}/seed{seed}')
-  out = str(tmp_path / 'sweep')
+  spec, out = _write_spec(tmp_path), str(tmp_path / 'sweep')
+  # A foreign file in one run's directory: that run's `moerl train` refuses it.
+  os.makedirs(os.path.join(out, 'e2', 'seed1'))
+  with open(os.path.join(out, 'manifest.json'), 'w') as f:
+    json.dump({'sweep': 'tiny', 'runs': []}, f)
+  with open(os.path.join(out, 'e2', 'seed1', 'notes.txt'), 'w') as f:
+    f.write('mine\n')
   code = cli.main(['sweep', spec, '--out', out, '--workers', '2'])
   err = capsys.readouterr().err
   assert code == 1
-  done = [r for r in _runs(out)
-          if json.load(open(os.path.join(out, r, 'status.json')))['state'] == 'done']
-  assert len(done) == 4  # the capacity_factor=1.0 half
-  assert 'capacity_factor=-1.0 is out of range' in err
+  states = {r: json.load(open(os.path.join(out, r, 'status.json')))['state']
+            for r in _runs(out)}
+  assert states == {'e1/seed0': 'done', 'e1/seed1': 'done', 'e2/seed0': 'done'}
+  assert 'failed e2/seed1' in err and 'is a foreign directory' in err
+  assert open(os.path.join(out, 'e2', 'seed1', 'notes.txt')).read() == 'mine\n'
+
+
+@pytest.mark.parametrize('extra,fragment', [
+    ('[[zip]]\n"SoftMoE.capacity_factor" = [1.0, -1.0]\n',
+     "run 'e1/cf-1.0/seed0': bad config: SoftMoE.capacity_factor=-1.0 is out of range"),
+    ('[[variants]]\nname = "moe"\n[[variants]]\nname = "dense"\n'
+     'gin_files = ["cartpole_dqn.gin"]\n',
+     "runs 'dense/e1/seed0' and 'dense/e2/seed0' would train the same config: they "
+     'differ only in SoftMoE.num_experts'),
+], ids=['bad_value', 'axis_without_effect'])
+@pytest.mark.parametrize('dry_run', [[], ['--dry_run']], ids=['run', 'dry_run'])
+def test_configs_are_built_before_any_run_starts(tmp_path, capsys, extra, fragment,
+                                                 dry_run):
+  template = ('{variant}/e{num_experts}/seed{seed}' if 'variants' in extra
+              else 'e{num_experts}/cf{capacity_factor}/seed{seed}')
+  spec = _write_spec(tmp_path, extra, template=template)
+  out = str(tmp_path / 'sweep')
+  assert cli.main(['sweep', spec, '--out', out, *dry_run]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('moerl: error:') and err.count('\n') == 1, err
+  assert fragment in err
+  assert not os.path.exists(out)
 
 
 def test_bad_axis_parameter_is_refused(tmp_path, capsys):

@@ -308,6 +308,95 @@ def test_unknown_axis_parameter_via_validate_binding(gin_dir, fake_trainer, tmp_
     assert not out.exists()  # nothing started, nothing written
 
 
+def _config_of(used):
+    """A fake effective_configs: a config is its file names and the bindings whose
+    configurable its gin file builds (``used``: file name -> configurables; gin's
+    operative config keeps only the parameters the built config uses); it records each
+    config it builds, and whether it was closed."""
+    calls, closed = [], []
+
+    def effective_configs(configs):
+        try:
+            for gin_files, bindings in configs:
+                calls.append((tuple(gin_files), tuple(bindings)))
+                if any("-1" in b for b in bindings):
+                    raise ValueError("bad config: SoftMoE.num_experts=-1 must be >= 1.")
+                builds = set().union(*(used[os.path.basename(f)] for f in gin_files))
+                kept = [b for b in bindings if b.split(".", 1)[0] in builds]
+                yield "\n".join([*gin_files, *sorted(kept)])
+        finally:
+            closed.append(True)
+
+    effective_configs.closed = closed
+    return effective_configs, calls
+
+
+def test_check_configs_builds_each_config_once_with_the_first_game_and_seed(gin_dir):
+    spec = load_spec(write(gin_dir / "s.toml", FULL_SPEC))
+    runs = expand(spec)
+    builds = {"Runner", "SoftMoE", "create_atari_environment"}
+    effective_configs, calls = _config_of(used={"a.gin": builds, "b.gin": builds})
+    sweeps.check_configs(spec, runs, effective_configs)
+    # 2 variants x 2 flags x 4 zipped expert counts; games and seeds aside.
+    assert len(calls) == 16 and len(set(calls)) == 16
+    for _, bindings in calls:
+        assert "create_atari_environment.game_name = 'Pong'" in bindings
+        assert "Runner.seed = 0" in bindings
+        assert not any("Breakout" in b or "Runner.seed = 1" in b for b in bindings)
+
+
+def test_check_configs_refuses_runs_that_would_train_the_same_config(gin_dir, fake_trainer,
+                                                                    tmp_path):
+    path = write(gin_dir / "s.toml", """
+        name = "x"
+        gin_files = ["a.gin"]
+        seeds = [0, 1]
+        [grid]
+        "SoftMoE.num_experts" = [1, 2]
+        [[variants]]
+        name = "moe"
+        [[variants]]
+        name = "dense"
+        gin_files = ["b.gin"]
+    """)
+    spec = load_spec(path)
+    # b.gin builds no SoftMoE: its two expert counts give one config.
+    effective_configs, calls = _config_of(used={"a.gin": {"Runner", "SoftMoE"},
+                                                "b.gin": {"Runner"}})
+    with pytest.raises(SweepError, match=r"runs 'dense/num_experts=1/seed0' and "
+                       r"'dense/num_experts=2/seed0' would train the same config: they "
+                       r"differ only in SoftMoE.num_experts"):
+        sweeps.check_configs(spec, expand(spec), effective_configs)
+    assert len(calls) == 4 and effective_configs.closed  # the builder is stopped
+    out = tmp_path / "out"
+    for dry_run in (True, False):
+        with pytest.raises(SweepError, match="would train the same config"):
+            run_sweep(path, out, dry_run=dry_run, command_prefix=fake_trainer,
+                      effective_configs=effective_configs, stream=io.StringIO())
+    assert not out.exists()  # refused before anything ran or was written
+    # Where every config uses the axis, the same sweep passes.
+    effective_configs, calls = _config_of(used={"a.gin": {"Runner", "SoftMoE"},
+                                                "b.gin": {"Runner", "SoftMoE"}})
+    sweeps.check_configs(spec, expand(spec), effective_configs)
+    assert len(calls) == 4
+
+
+def test_check_configs_refuses_a_config_that_does_not_build(gin_dir, fake_trainer, tmp_path):
+    path = write(gin_dir / "s.toml", """
+        name = "x"
+        gin_files = ["a.gin"]
+        [grid]
+        "SoftMoE.num_experts" = [2, -1]
+    """)
+    effective_configs, _ = _config_of(used={"a.gin": {"SoftMoE"}})
+    out = tmp_path / "out"
+    with pytest.raises(SweepError, match=r"run 'num_experts=-1': bad config: "
+                       r"SoftMoE.num_experts=-1 must be >= 1"):
+        run_sweep(path, out, command_prefix=fake_trainer, effective_configs=effective_configs,
+                  stream=io.StringIO())
+    assert not out.exists()
+
+
 def test_dry_run_prints_plan_and_creates_nothing(gin_dir, tmp_path):
     path = write(gin_dir / "s.toml", FULL_SPEC)
     out = tmp_path / "out"

@@ -333,6 +333,25 @@ def test_rerunning_a_finished_run_changes_no_results(cartpole_runs, tmp_path):
     assert json.load(f)['state'] == 'done'
 
 
+def test_a_binding_without_effect_is_warned_about(cartpole_runs, tmp_path):
+  # cartpole_dqn.gin builds a dense layer and no scope 'train': neither binding
+  # changes the run (its config is the finished run's), and each gets a warning.
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  unused = ['SoftMoE.num_experts = 4', 'train/DQNAgent.gamma = 0.5']
+  argv = ['train', '--base_dir', base_dir] + CARTPOLE_ARGS
+  for binding in unused:
+    argv += ['--gin_bindings', binding]
+  code, _, err = _run_cli(argv)
+  assert code == 0, err
+  warnings = [l for l in err.splitlines() if l.startswith('moerl: warning:')]
+  assert warnings == [f"moerl: warning: --gin_bindings '{b}' has no effect: nothing "
+                      'this config builds uses that parameter.' for b in unused]
+  assert 'nothing to train' in err
+  # The bindings the config uses draw no warning.
+  code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS)
+  assert code == 0 and 'warning' not in err, err
+
+
 def test_fewer_iterations_than_a_run_holds_is_refused(cartpole_runs, tmp_path):
   base_dir = _copy_run(cartpole_runs[0], tmp_path)
   before = _snapshot(base_dir)
