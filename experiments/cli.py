@@ -8,7 +8,7 @@
                [--gpus_per_run G]
   moerl plot   DIR [--out OUT] [--last_n N] [--metric train|eval]
   moerl bench  [--networks] [--agent] [--envs] [--throughput] [--quick] [--json]
-  moerl experts --base_dir D [--keep 1,2,4] [--states N] [--episodes N] [--seed S]
+  moerl experts --base_dir D [--keep K,...] [--states N] [--episodes N] [--seed S]
   moerl representation [--out DIR] [--steps N] [--seed S] [--experts 1,8]
 
 Exit codes: 0 success, 1 a run failed, 2 bad input (one line on stderr, no
@@ -291,11 +291,13 @@ def cmd_experts(args) -> int:
   if args.episodes < 0:
     raise UsageError(f'--episodes={args.episodes} must be >= 0.')
   try:
-    keep = experts.parse_keep(args.keep)
+    keep = None if args.keep is None else experts.parse_keep(args.keep)
   except experts.ExpertAnalysisError as e:
     raise UsageError(str(e)) from None
   runner = _build_runner(args.base_dir, [config], [], num_envs=1)
   try:
+    if keep is None and runner.agent.network.penultimate_name == 'softmoe':
+      keep = experts.default_keep(experts.num_experts_of(runner.agent.network))
     experts.check_analysis_input(runner.agent.network, keep)
     check_output_files(*experts.output_paths(args.base_dir))
     iteration = runner.restore_agent()
@@ -417,8 +419,9 @@ def _parser() -> argparse.ArgumentParser:
   p = sub.add_parser('experts', help='top-k expert subsets of a Soft MoE run '
                      '(Chung et al.): agreement with the full network')
   p.add_argument('--base_dir', required=True)
-  p.add_argument('--keep', default='1,2,4',
-                 help='comma-separated numbers of experts kept (default 1,2,4)')
+  p.add_argument('--keep', default=None,
+                 help='comma-separated numbers of experts kept (default: the '
+                 'powers of two below the expert count, 1,2,4 for 8 experts)')
   p.add_argument('--states', type=int, default=500,
                  help='states visited by the greedy agent to score')
   p.add_argument('--episodes', type=int, default=3,

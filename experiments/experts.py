@@ -61,6 +61,13 @@ def parse_keep(text: str) -> List[int]:
   return sorted(set(values))
 
 
+def default_keep(experts: int) -> List[int]:
+  """The expert counts analysed when --keep is not given: the powers of two
+  below `experts` (1, 2, 4 for 8 experts), since keeping all of them is the
+  full network; [1] for a single expert."""
+  return [2**i for i in range(max(1, (experts - 1).bit_length()))]
+
+
 def num_experts_of(network) -> int:
   return int(network.penultimate.num_experts)
 

@@ -131,6 +131,21 @@ def test_cli_writes_json_and_plot(softmoe_run):
   assert not [f for f in os.listdir(softmoe_run) if f.startswith('.experts.')]
 
 
+def test_default_keep_is_the_powers_of_two_below_the_expert_count():
+  assert {e: experts.default_keep(e) for e in (1, 2, 3, 4, 8, 9)} == {
+      1: [1], 2: [1], 3: [1, 2], 4: [1, 2], 8: [1, 2, 4], 9: [1, 2, 4, 8]}
+
+
+def test_cli_without_keep_analyses_proper_subsets(softmoe_run, tmp_path):
+  copy = str(tmp_path / 'run')
+  shutil.copytree(softmoe_run, copy)
+  code, _, err = _run_cli(['experts', '--base_dir', copy, '--states', '50',
+                           '--episodes', '0'])
+  assert code == 0, err
+  with open(os.path.join(copy, 'experts.json'), encoding='utf-8') as f:
+    assert [row['k'] for row in json.load(f)['keep']] == [1, 2]  # of 4 experts
+
+
 def _assert_usage_error(argv, *fragments):
   code, _, err = _run_cli(argv)
   assert code == 2, err
