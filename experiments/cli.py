@@ -218,6 +218,7 @@ def cmd_params(args) -> int:
   runner = _build_runner(None, args.gin_files, args.gin_bindings,
                          num_actions=args.num_actions, num_envs=1)
   runner.close()
+  _warn_unused(args.gin_bindings)
   params = runner.agent.state.online_params
   table = parameter_table(params)
   result = {'total': runner.num_params, 'modules': table,

@@ -66,9 +66,9 @@ a dry run too. ``moerl sweep`` then builds each distinct config once (games and 
 ``check_configs``), so that a bad value, or two runs that would train the same config (an
 axis on a layer the config does not build), is refused before any run starts. Adding
 seeds or axis values to a sweep and rerunning into the same ``out_dir`` is allowed and runs
-only the new runs. A changed ``Runner.num_iterations``
-binding keeps the sweep the same (as for ``moerl train``): its done runs are run again, and
-``moerl train`` extends each from its last checkpoint.
+only the new runs. A changed ``Runner.num_iterations`` binding keeps the sweep the same (as
+for ``moerl train``): its done runs are run again, and ``moerl train`` extends each from its
+last checkpoint.
 
 Backends
 --------

@@ -440,6 +440,16 @@ def test_params_works_for_every_shipped_config(config):
   assert total > 1000
 
 
+def test_params_warns_about_a_binding_without_effect():
+  code, out, err = _run_cli(['params', '--gin_files', 'cartpole_dqn.gin',
+                             '--gin_bindings', 'SoftMoE.num_experts = 4',
+                             '--gin_bindings', 'DensePenultimate.hidden_units = 8'])
+  assert code == 0, err
+  assert err == ("moerl: warning: --gin_bindings 'SoftMoE.num_experts = 4' has "
+                 'no effect: nothing this config builds uses that parameter.\n')
+  assert 'softmoe' not in out.lower() and 'total' in out
+
+
 @pytest.mark.parametrize('argv,fragments', [
     (['--gin_files', 'dqn.gin', '--gin_bindings', 'DQNAgent.gama = 0.9'],
      ['gama']),
