@@ -33,7 +33,8 @@ Number of runs = product(grid lengths) x product(zip lengths) x games x seeds, s
 variants (each with its own extra axes). A key may appear in only one axis table. Seeds
 must be non-negative integers. Games bound through the default ``game_binding`` are checked
 against ale-py's Atari games (``environments.atari_game_name``) when the spec is loaded;
-other game names (e.g. gym's) are only checked when their run starts.
+other game names (e.g. gym's) are checked when their run starts (the first one also by
+``check_configs``).
 
 Gin files are looked up, in order, as: an absolute path; a path relative to the current
 directory; relative to the spec file's directory; a name in the packaged ``configs/`` dir
