@@ -22,7 +22,7 @@ import re
 import signal
 import sys
 import threading
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from experiments.run_dir import Terminated
 
@@ -50,20 +50,25 @@ def _build_runner(base_dir, gin_files, gin_bindings, **kwargs):
     raise UsageError(f'bad config: {_config_error(e)}') from None
 
 
-def _warn_unused(gin_bindings) -> None:
+def _warn_unused(gin_bindings, set_by_caller=()) -> None:
   """One warning line per --gin_bindings entry that the built config never
   used (e.g. a SoftMoE parameter on a dense config): such a run trains, but
   not what the binding asks for. Not an error: a sweep may pass one binding
   to variants that use it and variants that do not."""
   from experiments import gin_config  # pylint: disable=g-import-not-at-top
-  for binding in gin_config.unused_bindings(gin_bindings):
+  for binding in gin_config.unused_bindings(gin_bindings, set_by_caller):
     print(f'moerl: warning: --gin_bindings {binding!r} has no effect: nothing '
           'this config builds uses that parameter.', file=sys.stderr)
 
 
-def effective_config(gin_files, gin_bindings) -> str:
-  """Builds the config's Runner (no run directory) and returns the parameters
-  it used (gin's operative config); ValueError for bad input."""
+LABEL_LINE = re.compile(r'^Runner\.variant = .*\n', re.MULTILINE)
+
+
+def effective_config(gin_files, gin_bindings) -> Tuple[str, List[str]]:
+  """Builds the config's Runner (no run directory); returns the parameters it
+  used (gin's operative config, without the `Runner.variant` label line) and
+  the bindings, of `gin_bindings`, that it does not use. ValueError for bad
+  input."""
   import gin  # pylint: disable=g-import-not-at-top
   from experiments import gin_config  # pylint: disable=g-import-not-at-top
   try:
@@ -71,27 +76,75 @@ def effective_config(gin_files, gin_bindings) -> str:
   except (UsageError, gin_config.GinConfigError) as e:
     raise ValueError(str(e)) from None
   try:
-    return gin.operative_config_str()
+    return (LABEL_LINE.sub('', gin.operative_config_str()),
+            gin_config.unused_bindings(gin_bindings))
   finally:
     runner.close()
 
 
+def _build_configs(connection) -> None:
+  """The child process of `effective_configs`: answers each (gin_files,
+  bindings) received with ('ok', effective_config) or ('error', one line),
+  until the connection closes."""
+  from experiments import gin_config  # pylint: disable=g-import-not-at-top
+  while True:
+    try:
+      request = connection.recv()
+    except EOFError:
+      return
+    try:
+      connection.send(('ok', effective_config(*request)))
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_out_of_memory(e):
+        line = _out_of_memory(e)
+      elif isinstance(e, ValueError):
+        line = gin_config.first_line(e)
+      else:  # an error of a configurable that is not a bad value
+        line = f'bad config: {type(e).__name__}: {gin_config.first_line(e)}'
+      connection.send(('error', line))
+
+
 def effective_configs(configs):
-  """Yields `effective_config(gin_files, bindings)` for each pair of `configs`,
-  built one after another in one spawned child process: JAX never starts in
-  the calling process, from which a sweep forks its runs. ValueError for bad
-  input, as `effective_config`."""
-  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  """Yields `effective_config(gin_files, bindings)` for each pair of
+  `configs`, built one after another in one spawned child process: JAX never
+  starts in the calling process, from which a sweep forks its runs.
+  ValueError (one line) for bad input. The child starts with Ctrl-C ignored:
+  the caller gets it and the child is stopped when the generator closes."""
   import multiprocessing  # pylint: disable=g-import-not-at-top
   context = multiprocessing.get_context('spawn')
-  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-    for gin_files, gin_bindings in configs:
-      future = pool.submit(effective_config, gin_files, gin_bindings)
+  connection, child_end = context.Pipe()
+  process = context.Process(target=_build_configs, args=(child_end,),
+                            daemon=True)
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous = (signal.signal(signal.SIGINT, signal.SIG_IGN)
+              if in_main_thread else None)
+  try:
+    process.start()  # SIG_IGN is inherited through exec
+  finally:
+    if in_main_thread:
+      signal.signal(signal.SIGINT, previous)
+  child_end.close()
+  try:
+    for request in configs:
+      connection.send(tuple(request))
       try:
-        yield future.result()
-      except concurrent.futures.process.BrokenProcessPool:
+        kind, value = connection.recv()
+      except EOFError:
         raise ValueError('building the config killed its process (out of '
                          'memory?); use a smaller config') from None
+      if kind == 'error':
+        raise ValueError(value)
+      yield value
+  finally:
+    connection.close()
+    process.terminate()
+    process.join()
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+  """NumPy's MemoryError, or XLA's failure to allocate."""
+  return (isinstance(error, MemoryError)
+          or 'RESOURCE_EXHAUSTED' in str(error))
 
 
 def _out_of_memory(error: BaseException) -> str:
@@ -218,7 +271,8 @@ def cmd_params(args) -> int:
   runner = _build_runner(None, args.gin_files, args.gin_bindings,
                          num_actions=args.num_actions, num_envs=1)
   runner.close()
-  _warn_unused(args.gin_bindings)
+  # The command sets these two itself; in `moerl train` they take effect.
+  _warn_unused(args.gin_bindings, ('Runner.num_envs', 'Runner.num_actions'))
   params = runner.agent.state.online_params
   table = parameter_table(params)
   result = {'total': runner.num_params, 'modules': table,
@@ -453,7 +507,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
   except SystemExit as e:  # --help (0) or a usage error (2, its line printed)
     return e.code if isinstance(e.code, int) else EXIT_OK
-  from experiments.gin_config import GinConfigError  # pylint: disable=g-import-not-at-top
+  try:  # a second or so of imports (JAX): Ctrl-C there is an interrupt too
+    from experiments.gin_config import GinConfigError  # pylint: disable=g-import-not-at-top
+  except KeyboardInterrupt:
+    print('moerl: interrupted', file=sys.stderr)
+    return EXIT_INTERRUPTED
   # SIGTERM stops a run as Ctrl-C does (status.json says so; a sweep passes it
   # on to its runs). Only the main thread may handle signals.
   in_main_thread = threading.current_thread() is threading.main_thread()
@@ -463,10 +521,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     return args.func(args)
   except (UsageError, GinConfigError) as e:
     return _fail(str(e))
-  except MemoryError as e:  # NumPy's, e.g. a replay buffer too large to hold
-    return _fail(_out_of_memory(e))
   except Exception as e:  # pylint: disable=broad-except
-    if 'RESOURCE_EXHAUSTED' not in str(e):  # XLA could not allocate
+    if not _is_out_of_memory(e):  # e.g. a replay buffer too large to hold
       raise
     return _fail(_out_of_memory(e))
   except Terminated:

@@ -9,6 +9,7 @@ in a file or binding is reported instead of silently ignored.
 import importlib.resources
 import logging
 import os
+import tokenize
 from typing import List, Optional, Sequence
 
 import gin
@@ -73,6 +74,9 @@ def load(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:
   try:
     gin.parse_config_files_and_bindings(paths, list(gin_bindings),
                                         finalize_config=False)
+  except tokenize.TokenError as e:  # gin reads to the end of the text
+    raise GinConfigError(f'bad gin config: {e.args[0]} (an unclosed bracket '
+                         'or quote?)') from None
   except (ValueError, KeyError, TypeError, SyntaxError, OSError, ImportError) as e:
     raise GinConfigError(f'bad gin config: {first_line(e)}') from None
   finally:
@@ -93,13 +97,26 @@ def validate_binding(binding: str) -> None:
     gin.clear_config()
 
 
-def unused_bindings(gin_bindings: Sequence[str]) -> List[str]:
+def _scope_applies(binding_scope: str, call_scope: str) -> bool:
+  """Whether a binding under `binding_scope` reaches a call made in
+  `call_scope`: its scope names appear there in order (gin applies an
+  unscoped binding in every scope)."""
+  names = iter(call_scope.split('/'))
+  return all(any(n == m for m in names)
+             for n in binding_scope.split('/') if n)
+
+
+def unused_bindings(gin_bindings: Sequence[str],
+                    set_by_caller: Sequence[str] = ()) -> List[str]:
   """The bindings, of `gin_bindings`, whose parameter no configurable has used.
 
   Call it after the config is built (every moerl configurable is called while
-  the Runner is built). Macros, imports and includes are not checked.
+  the Runner is built). `set_by_caller` names parameters ('Runner.num_envs')
+  that the command passed itself: a binding of one is not reported. Macros,
+  imports and includes are not checked.
   """
   operative = gin.config._OPERATIVE_CONFIG  # pylint: disable=protected-access
+  skip = {gin.config.ParsedBindingKey.parse(k)[2:] for k in set_by_caller}
   unused = []
   for binding in gin_bindings:
     key = binding.split('=', 1)[0].strip()
@@ -109,6 +126,11 @@ def unused_bindings(gin_bindings: Sequence[str]) -> List[str]:
       parsed = gin.config.ParsedBindingKey.parse(key)
     except (ValueError, KeyError, SyntaxError):
       continue
-    if parsed.arg_name not in operative.get(parsed.config_key, {}):
+    if (parsed.complete_selector, parsed.arg_name) in skip:
+      continue
+    if not any(selector == parsed.complete_selector
+               and parsed.arg_name in values
+               and _scope_applies(parsed.scope, scope)
+               for (scope, selector), values in operative.items()):
       unused.append(binding)
   return unused

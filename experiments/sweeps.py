@@ -64,8 +64,9 @@ different sweep (another ``name``, or a run of the same name with other gin file
 bindings), and a non-empty ``out_dir`` without a manifest. These checks and those of the spec,
 bindings, options and ``--seeds_per_process`` grouping run before anything is written, in
 a dry run too. ``moerl sweep`` then builds each distinct config once (games and seeds aside;
-``check_configs``), so that a bad value, or two runs that would train the same config (an
-axis on a layer the config does not build), is refused before any run starts. Adding
+``check_configs``), so that a bad value, a game or seed binding the config does not use, or
+two runs that would train the same config (an axis on a layer the config does not build,
+variants that differ only in name) is refused before any run starts. Adding
 seeds or axis values to a sweep and rerunning into the same ``out_dir`` is allowed and runs
 only the new runs. A changed ``Runner.num_iterations`` binding keeps the sweep the same (as
 for ``moerl train``): its done runs are run again, and ``moerl train`` extends each from its
@@ -686,7 +687,13 @@ def _game_seed_bindings(spec: SweepSpec, r: RunSpec) -> set[str]:
     return added
 
 
-EffectiveConfigs = Callable[[list[tuple[tuple[str, ...], tuple[str, ...]]]], Iterator[str]]
+EffectiveConfigs = Callable[[list[tuple[tuple[str, ...], tuple[str, ...]]]],
+                            Iterator[tuple[str, list[str]]]]
+
+
+def _same_config_error(spec: SweepSpec, first: RunSpec, r: RunSpec, why: str) -> SweepError:
+    return SweepError(f"{_where(spec.path)}: runs {first.name!r} and {r.name!r} would train "
+                      f"the same config: {why}")
 
 
 def check_configs(spec: SweepSpec, runs: Sequence[RunSpec], effective_configs: EffectiveConfigs,
@@ -696,17 +703,24 @@ def check_configs(spec: SweepSpec, runs: Sequence[RunSpec], effective_configs: E
     Runs that differ only in game and seed share a config; the first run of each config
     (every config starts with the same game and seed, by ``expand``'s nesting) is passed,
     as ``(gin_files, bindings)``, to ``effective_configs``, which yields, config by config,
-    the parameters the built config used (gin's operative config), or raises ValueError
-    for a bad value. Two configs that give the same operative config would train
-    identical runs (for example an axis on a layer the config does not build):
-    SweepError. On a terminal, ``stream`` shows which config is being built (a line that
-    is cleared again, so that a refusal stays one line).
+    the parameters the built config used (gin's operative config, labels such as
+    ``Runner.variant`` aside) and the bindings it does not use, or raises ValueError for
+    a bad value. Refused (SweepError): a bad value; a game or seed binding the config does
+    not use (every game or seed would train the same run); two configs with the same
+    operative config, which would train identical runs (for example an axis on a layer
+    the config does not build, or two variants that differ only in their names). On a
+    terminal, ``stream`` shows which config is being built (a line that is cleared again,
+    so that a refusal stays one line).
     """
     firsts: dict[tuple, RunSpec] = {}
     for r in runs:
         own = _game_seed_bindings(spec, r)
         key = (r.gin_files, tuple(b for b in r.bindings if b not in own))
-        firsts.setdefault(key, r)
+        first = firsts.setdefault(key, r)
+        if first.variant != r.variant:
+            raise _same_config_error(spec, first, r, f"variants {first.variant!r} and "
+                                     f"{r.variant!r} have the same gin files and bindings; "
+                                     f"make them differ, or drop one")
     isatty = getattr(stream, "isatty", None)
     shown = stream if isatty is not None and isatty() else None
     seen: dict[str, RunSpec] = {}
@@ -717,24 +731,38 @@ def check_configs(spec: SweepSpec, runs: Sequence[RunSpec], effective_configs: E
                 print(f"\r\033[Ksweep {spec.name!r}: building config {i}/{len(firsts)} "
                       f"({r.name})", end="", file=shown, flush=True)
             try:
-                config = next(built)
+                config, unused = next(built)
             except ValueError as e:
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise SweepError(f"{_where(spec.path)}: run {r.name!r}: {msg}") from None
             finally:
                 if shown is not None:
                     print("\r\033[K", end="", file=shown, flush=True)
+            ignored = sorted(_game_seed_bindings(spec, r) & set(unused))
+            if ignored:
+                b = ignored[0]
+                kind = "game" if b.startswith(spec.game_binding) else "seed"
+                raise SweepError(f"{_where(spec.path)}: run {r.name!r} does not use its "
+                                 f"{kind} binding {b!r}, so every {kind} would train the "
+                                 f"same run; set {kind}_binding to the parameter that "
+                                 f"chooses the {kind} in this config")
             first = seen.setdefault(config, r)
             if first is not r:
                 differ = sorted({b.split("=", 1)[0].strip()
-                                 for b in set(first.bindings) ^ set(r.bindings)})
+                                 for b in set(first.bindings) ^ set(r.bindings)}
+                                - {spec.variant_binding})
                 if first.gin_files != r.gin_files:
                     differ.append("gin_files")
-                raise SweepError(f"{_where(spec.path)}: runs {first.name!r} and {r.name!r} "
-                                 f"would train the same config: they differ only in "
-                                 f"{', '.join(differ)}, which the config does not use (such "
-                                 f"as an axis on a layer it does not build); move that axis "
-                                 f"into the variants that use it, or drop it")
+                if not differ:
+                    raise _same_config_error(spec, first, r, f"variants {first.variant!r} "
+                                             f"and {r.variant!r} differ only in name; make "
+                                             f"them differ, or drop one")
+                raise _same_config_error(spec, first, r, f"they differ only in "
+                                         f"{', '.join(differ)}, which change"
+                                         f"{'s' if len(differ) == 1 else ''} nothing in "
+                                         f"the built config (a parameter it does not use, "
+                                         f"or a value it already has); bind it only where "
+                                         f"it takes effect, or drop it")
     finally:  # a generator stops its builder (e.g. a child process) here
         getattr(built, "close", lambda: None)()
 
@@ -1013,8 +1041,8 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
     the output layout and backends. Raises SweepError for bad input (spec, options,
     out_dir, job grouping) before anything is written, in a dry run too; a failing run
     is recorded in ``SweepResult.failed`` and does not stop the others. With
-    ``effective_configs``, each distinct config is built once first (``check_configs``),
-    printing one progress line per config.
+    ``effective_configs``, each distinct config is built once first (``check_configs``;
+    on a terminal, a progress line shows which).
     """
     stream = sys.stderr if stream is None else stream
     _check_options(backend, workers, cpus_per_run, gpus_per_run, command_prefix, ray_address)

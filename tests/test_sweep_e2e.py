@@ -102,20 +102,37 @@ def test_failing_run_does_not_stop_the_others(tmp_path, capsys):
   assert open(os.path.join(out, 'e2', 'seed1', 'notes.txt')).read() == 'mine\n'
 
 
-@pytest.mark.parametrize('extra,fragment', [
+ALONE = ('name = "x"\nbindings = ["Runner.num_iterations = 1"]\n'
+         'gin_files = ["cartpole_dqn.gin"]\n')
+
+
+@pytest.mark.parametrize('extra,template,fragment', [
     ('[[zip]]\n"SoftMoE.capacity_factor" = [1.0, -1.0]\n',
+     'e{num_experts}/cf{capacity_factor}/seed{seed}',
      "run 'e1/cf-1.0/seed0': bad config: SoftMoE.capacity_factor=-1.0 is out of range"),
     ('[[variants]]\nname = "moe"\n[[variants]]\nname = "dense"\n'
-     'gin_files = ["cartpole_dqn.gin"]\n',
+     'gin_files = ["cartpole_dqn.gin"]\n', '{variant}/e{num_experts}/seed{seed}',
      "runs 'dense/e1/seed0' and 'dense/e2/seed0' would train the same config: they "
      'differ only in SoftMoE.num_experts'),
-], ids=['bad_value', 'axis_without_effect'])
+    ('[grid]\n"DQNAgent.replay_capacity" = [1000, 1000000000000]\n', None,
+     "run 'replay_capacity=1000000000000': out of memory: "),
+    ('variant_binding = "Runner.variant"\n[[variants]]\nname = "a"\n'
+     '[[variants]]\nname = "b"\n', None,
+     "runs 'a' and 'b' would train the same config: variants 'a' and 'b' differ only "
+     'in name'),
+    ('games = ["Pong", "Breakout"]\n', None,
+     "run 'Pong' does not use its game binding"),
+], ids=['bad_value', 'axis_without_effect', 'out_of_memory', 'variant_names',
+        'game_binding_without_effect'])
 @pytest.mark.parametrize('dry_run', [[], ['--dry_run']], ids=['run', 'dry_run'])
-def test_configs_are_built_before_any_run_starts(tmp_path, capsys, extra, fragment,
-                                                 dry_run):
-  template = ('{variant}/e{num_experts}/seed{seed}' if 'variants' in extra
-              else 'e{num_experts}/cf{capacity_factor}/seed{seed}')
-  spec = _write_spec(tmp_path, extra, template=template)
+def test_configs_are_built_before_any_run_starts(tmp_path, capsys, extra, template,
+                                                 fragment, dry_run):
+  if template is None:  # a spec of its own, on a dense CartPole config
+    spec = str(tmp_path / 'spec.toml')
+    with open(spec, 'w') as f:
+      f.write(ALONE + extra)
+  else:
+    spec = _write_spec(tmp_path, extra, template=template)
   out = str(tmp_path / 'sweep')
   assert cli.main(['sweep', spec, '--out', out, *dry_run]) == 2
   err = capsys.readouterr().err

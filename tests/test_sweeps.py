@@ -323,7 +323,8 @@ def _config_of(used):
                     raise ValueError("bad config: SoftMoE.num_experts=-1 must be >= 1.")
                 builds = set().union(*(used[os.path.basename(f)] for f in gin_files))
                 kept = [b for b in bindings if b.split(".", 1)[0] in builds]
-                yield "\n".join([*gin_files, *sorted(kept)])
+                yield ("\n".join([*gin_files, *sorted(kept)]),
+                       [b for b in bindings if b not in kept])
         finally:
             closed.append(True)
 
@@ -379,6 +380,43 @@ def test_check_configs_refuses_runs_that_would_train_the_same_config(gin_dir, fa
                                                 "b.gin": {"Runner", "SoftMoE"}})
     sweeps.check_configs(spec, expand(spec), effective_configs)
     assert len(calls) == 4
+
+
+def test_check_configs_refuses_variants_with_the_same_files_and_bindings(gin_dir):
+    spec = load_spec(write(gin_dir / "s.toml", """
+        name = "x"
+        gin_files = ["a.gin"]
+        [[variants]]
+        name = "first"
+        [[variants]]
+        name = "second"
+    """))
+    effective_configs, calls = _config_of(used={"a.gin": {"Runner"}})
+    with pytest.raises(SweepError, match="variants 'first' and 'second' have the same gin "
+                       "files and bindings"):
+        sweeps.check_configs(spec, expand(spec), effective_configs)
+    assert calls == []  # refused before anything was built
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    ('games = ["Pong", "Breakout"]\n',
+     "run 'Pong' does not use its game binding \"create_atari_environment.game_name = "
+     "'Pong'\", so every game would train the same run; set game_binding"),
+    ('seeds = [0, 1]\nseed_binding = "DQNAgent.seed"\n',
+     "run 'seed0' does not use its seed binding 'DQNAgent.seed = 0', so every seed would "
+     "train the same run; set seed_binding"),
+], ids=["game", "seed"])
+def test_check_configs_refuses_a_game_or_seed_binding_without_effect(gin_dir, extra,
+                                                                     fragment):
+    spec = load_spec(write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n' + extra))
+    # a.gin builds a config that reads neither parameter (a gym env; a Runner seed).
+    effective_configs, _ = _config_of(used={"a.gin": {"Runner"}})
+    with pytest.raises(SweepError) as refused:
+        sweeps.check_configs(spec, expand(spec), effective_configs)
+    assert fragment in str(refused.value)
+    effective_configs, _ = _config_of(
+        used={"a.gin": {"Runner", "DQNAgent", "create_atari_environment"}})
+    sweeps.check_configs(spec, expand(spec), effective_configs)
 
 
 def test_check_configs_refuses_a_config_that_does_not_build(gin_dir, fake_trainer, tmp_path):

@@ -394,11 +394,14 @@ def test_fewer_iterations_than_a_run_holds_is_refused(cartpole_runs, tmp_path):
       "Runner.checkpoint_replay = 'no'"], ['Runner.checkpoint_replay', 'True or False']),
     (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
       'create_optimizer.learning_rate = -1.0'], ['learning_rate=-1.0']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      'DQNAgent.gamma = (0.9'], ['bad gin config', 'unclosed bracket']),
 ], ids=['unknown_game', 'unknown_parameter', 'missing_gin_file',
         'zero_experts', 'k_above_experts', 'negative_seed', 'experts_not_a_number',
         'experts_not_an_int', 'no_warmup', 'negative_eval_steps',
         'dqn_binding_on_rainbow', 'huge_seed', 'missing_gin_import',
-        'replay_beyond_memory', 'flag_not_a_bool', 'negative_learning_rate'])
+        'replay_beyond_memory', 'flag_not_a_bool', 'negative_learning_rate',
+        'unclosed_bracket'])
 def test_bad_train_input_is_refused_without_writing(argv, fragments, tmp_path,
                                                     cartpole_runs):
   # A fresh base_dir is not even created ...
@@ -440,13 +443,26 @@ def test_params_works_for_every_shipped_config(config):
   assert total > 1000
 
 
-def test_params_warns_about_a_binding_without_effect():
-  code, out, err = _run_cli(['params', '--gin_files', 'cartpole_dqn.gin',
-                             '--gin_bindings', 'SoftMoE.num_experts = 4',
-                             '--gin_bindings', 'DensePenultimate.hidden_units = 8'])
+def test_params_warns_about_a_binding_without_effect(tmp_path):
+  # The agent is built in scope 'main': unscoped bindings reach it there, and
+  # so do those of its own scope; scope 'other' never happens.
+  scoped = tmp_path / 'scoped.gin'
+  scoped.write_text("include 'cartpole_dqn.gin'\nRunner.agent = @main/DQNAgent\n")
+  code, out, err = _run_cli([
+      'params', '--gin_files', str(scoped),
+      '--gin_bindings', 'SoftMoE.num_experts = 4',
+      '--gin_bindings', 'DensePenultimate.hidden_units = 8',
+      '--gin_bindings', 'DQNAgent.gamma = 0.5',
+      '--gin_bindings', 'main/DQNAgent.batch_size = 8',
+      '--gin_bindings', 'other/DQNAgent.gamma = 0.9',
+      # Set by `params` itself; they take effect in `train`.
+      '--gin_bindings', 'Runner.num_envs = 4',
+      '--gin_bindings', 'Runner.num_actions = 3'])
   assert code == 0, err
-  assert err == ("moerl: warning: --gin_bindings 'SoftMoE.num_experts = 4' has "
-                 'no effect: nothing this config builds uses that parameter.\n')
+  assert err.splitlines() == [
+      f"moerl: warning: --gin_bindings '{b}' has no effect: nothing this config "
+      'builds uses that parameter.'
+      for b in ('SoftMoE.num_experts = 4', 'other/DQNAgent.gamma = 0.9')]
   assert 'softmoe' not in out.lower() and 'total' in out
 
 
