@@ -66,11 +66,11 @@ bindings, options and ``--seeds_per_process`` grouping run before anything is wr
 a dry run too. ``moerl sweep`` then builds each distinct config once (games and seeds aside;
 ``check_configs``), so that a bad value, a game or seed binding the config does not use, or
 two runs that would train the same config (an axis on a layer the config does not build,
-variants that differ only in name) is refused before any run starts. Adding
-seeds or axis values to a sweep and rerunning into the same ``out_dir`` is allowed and runs
-only the new runs. A changed ``Runner.num_iterations`` binding keeps the sweep the same (as
-for ``moerl train``): its done runs are run again, and ``moerl train`` extends each from its
-last checkpoint.
+variants that differ only in name) is refused before any run starts. Adding seeds or axis
+values to a sweep and rerunning into the same ``out_dir`` is allowed and runs only the new
+runs. A changed ``Runner.num_iterations`` binding keeps the sweep the same (as for ``moerl
+train``): its done runs are run again, and ``moerl train`` extends each from its last
+checkpoint.
 
 Backends
 --------
@@ -677,6 +677,11 @@ def _name_runs(spec: SweepSpec, runs: list[RunSpec]) -> list[RunSpec]:
     return named
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _game_seed_bindings(spec: SweepSpec, r: RunSpec) -> set[str]:
     """The bindings ``expand`` added for a run's game and seed."""
     added = set()
@@ -733,8 +738,8 @@ def check_configs(spec: SweepSpec, runs: Sequence[RunSpec], effective_configs: E
             try:
                 config, unused = next(built)
             except ValueError as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise SweepError(f"{_where(spec.path)}: run {r.name!r}: {msg}") from None
+                raise SweepError(f"{_where(spec.path)}: run {r.name!r}: "
+                                 f"{_first_line(e)}") from None
             finally:
                 if shown is not None:
                     print("\r\033[K", end="", file=shown, flush=True)
@@ -776,7 +781,7 @@ def _validate_bindings(spec: SweepSpec, runs: list[RunSpec],
         except ValueError as e:
             target = b.split("=", 1)[0].strip()
             kind = "axis parameter" if target in axis_keys else "parameter in binding"
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = _first_line(e)
             raise SweepError(f"{_where(spec.path)}: unknown {kind} {target!r} ({msg}); fix "
                              f"the gin parameter name") from None
 
