@@ -197,6 +197,25 @@ def atari_game_name(name: str) -> str:
     )
 
 
+def check_gym_environment_name(name: str) -> None:
+    """Raises ValueError (one line, with close matches) unless some version of the gym
+    environment `name` ('CartPole', or 'CartPole-v1' exactly) is registered. A lookup in
+    gymnasium's registry: no environment is made."""
+    registered = set(gym.envs.registry)
+    if isinstance(name, str) and re.search(r"-v\d+$", name):
+        if name in registered:
+            return
+    elif isinstance(name, str) and any(re.fullmatch(re.escape(name) + r"-v\d+", i)
+                                       for i in registered):
+        return
+    bases = sorted({re.sub(r"-v\d+$", "", i) for i in registered})
+    base = re.sub(r"-v\d+$", "", name) if isinstance(name, str) else ""
+    matches = difflib.get_close_matches(base, bases, n=3, cutoff=0.6)
+    hint = ("did you mean " + " or ".join(repr(m) for m in matches) + "?" if matches
+            else "no close match")
+    raise ValueError(f"unknown gym environment {name!r}: {hint}")
+
+
 def _check_actions(actions, num_envs: int, num_actions: int) -> np.ndarray:
     actions = np.asarray(actions)
     if actions.shape != (num_envs,):

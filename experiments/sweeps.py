@@ -32,9 +32,10 @@ Sweep spec (TOML)
 Number of runs = product(grid lengths) x product(zip lengths) x games x seeds, summed over
 variants (each with its own extra axes). A key may appear in only one axis table. Seeds
 must be non-negative integers. Games bound through the default ``game_binding`` are checked
-against ale-py's Atari games (``environments.atari_game_name``) when the spec is loaded;
-other game names (e.g. gym's) are checked when their run starts (the first one also by
-``check_configs``).
+against ale-py's Atari games (``environments.atari_game_name``) when the spec is loaded, and
+games bound through ``create_gym_environment.environment_name`` against gymnasium's registry
+(``environments.check_gym_environment_name``); those of other bindings are checked when their
+run starts (the first one also by ``check_configs``).
 
 Gin files are looked up, in order, as: an absolute path; a path relative to the current
 directory; relative to the spec file's directory; a name in the packaged ``configs/`` dir
@@ -347,19 +348,25 @@ def _check_seeds(raw: Any, path: str) -> tuple[int, ...]:
     return tuple(raw)
 
 
-def _check_games(games: tuple[str, ...] | None, game_binding: str, path: str) -> None:
-    """Refuses unknown Atari games, which every run would otherwise fail on.
+GYM_GAME_BINDING = "create_gym_environment.environment_name"
 
-    Only games bound through ``create_atari_environment`` are Atari games; gym names
-    (``create_gym_environment``) and custom bindings have no cheap check and fail in
-    their run.
+
+def _check_games(games: tuple[str, ...] | None, game_binding: str, path: str) -> None:
+    """Refuses unknown games, which their runs would otherwise fail on.
+
+    Games bound through ``create_atari_environment`` are checked against ale-py's games,
+    those bound through ``create_gym_environment`` against gymnasium's registry; games of
+    a custom binding fail in their run.
     """
-    if games is None or game_binding.rpartition("/")[2] != DEFAULT_GAME_BINDING:
+    target = None if games is None else game_binding.rpartition("/")[2]
+    if target not in (DEFAULT_GAME_BINDING, GYM_GAME_BINDING):
         return
-    from experiments.environments import atari_game_name  # imports ale-py: lazy
+    from experiments import environments  # imports ale-py: lazy
+    check = (environments.atari_game_name if target == DEFAULT_GAME_BINDING
+             else environments.check_gym_environment_name)
     for game in games:
         try:
-            atari_game_name(game)
+            check(game)
         except ValueError as e:
             raise SweepError(f"{_where(path)}: {e}; fix 'games'") from None
 

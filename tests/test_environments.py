@@ -365,6 +365,23 @@ def test_atari_games_tuple():
     assert all(g == g.lower() and " " not in g for g in ATARI_GAMES)
 
 
+@pytest.mark.parametrize("name", ["CartPole", "CartPole-v1", "Acrobot"])
+def test_registered_gym_environment_names_pass(name):
+    envs.check_gym_environment_name(name)  # no environment is made
+
+
+@pytest.mark.parametrize("name,hint", [
+    ("CartPol", "did you mean 'CartPole'"), ("CartPole-v9", "did you mean 'CartPole'"),
+    ("Qwxyz", "no close match"), (3, "no close match")])
+def test_unknown_gym_environment_names_are_refused(name, hint):
+    with pytest.raises(ValueError) as info:
+        envs.check_gym_environment_name(name)
+    assert str(info.value).startswith(f"unknown gym environment {name!r}: {hint}")
+    if isinstance(name, str):  # the environment itself says the same
+        with pytest.raises(ValueError, match=f"unknown gym environment '{name}"):
+            create_gym_environment(name)
+
+
 def test_unknown_atari_game_error_message():
     with pytest.raises(ValueError) as info:
         atari_game_name("Pongg")

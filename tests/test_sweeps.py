@@ -259,6 +259,9 @@ def test_validate_binding_called_on_every_distinct_binding(gin_dir):
      "unknown Atari game 'NotAGame'"),
     ('name = "x"\ngin_files = ["a.gin"]\ngames = ["Pongg"]\n'
      'game_binding = "train/create_atari_environment.game_name"\n', "did you mean 'pong'"),
+    ('name = "x"\ngin_files = ["a.gin"]\ngames = ["CartPole", "CartPol"]\n'
+     'game_binding = "create_gym_environment.environment_name"\n',
+     "unknown gym environment 'CartPol': did you mean 'CartPole'"),
 ])
 def test_bad_specs_raise_sweep_error(gin_dir, text, fragment):
     path = gin_dir / "bad.toml"
