@@ -37,7 +37,7 @@ Samples (``sample``) are dicts of numpy arrays with DQN-Zoo time-step names:
   obs_t       like obs_tm1: state at t+n (arbitrary but well-formed when discount_t is 0).
   indices     [B] int64    flat ids (slot * num_envs + env), accepted by update_priorities.
   sampling_probabilities [B] float32  (prioritized only) priority / total priority.
-Rewards are not clipped here (the agent clips).
+Rewards are stored as given: the runner clips them for learning (``Runner.clip_rewards``).
 
 ``PrioritizedReplayBuffer`` keeps one SumTree leaf per flat id. New records get the largest
 priority recorded so far (1.0 initially); ``sample`` draws stratified proportionally to priority

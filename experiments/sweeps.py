@@ -58,7 +58,8 @@ Output directory
 ----------------
 ``out_dir/manifest.json`` records ``{"sweep", "spec_path", "created", "updated", "runs"}``
 where each run is ``RunSpec.to_dict()``. Each run's ``--base_dir`` is ``out_dir/<name>``; its
-subprocess stdout+stderr are appended to ``out_dir/<name>/sweep.log``. A run is skipped when
+subprocess stdout+stderr are appended to ``out_dir/<name>/sweep.log`` (a seed group's, see
+``group_seeds``, to its group's directory, the run name without ``/seed<k>``). A run is skipped when
 its ``status.json`` says ``"done"``; any other run is (re)started, and ``moerl train`` resumes
 from its checkpoint. ``run_sweep`` refuses an ``out_dir`` whose manifest belongs to a
 different sweep (another ``name``, or a run of the same name with other gin files or
@@ -196,7 +197,8 @@ class Job:
 def group_seeds(spec: "SweepSpec", runs: Sequence[RunSpec]) -> list[Job]:
     """Jobs that train consecutive seeds of otherwise identical runs in one process.
 
-    Needs run names ending in ``/seed{seed}`` (the default template does) and the
+    Needs run names ending in ``/seed{seed}`` (the default template does, unless the spec
+    has only seeds: then runs are named ``seed{seed}``) and the
     seed bound through ``Runner.seed``: ``moerl train --num_seeds S`` writes seed k to
     ``<base_dir>/seed<k>``, exactly where the lone run would have gone. Raises
     SweepError when a run cannot be grouped so.
@@ -208,8 +210,11 @@ def group_seeds(spec: "SweepSpec", runs: Sequence[RunSpec]) -> list[Job]:
     for r in runs:
         head, _, tail = r.name.rpartition("/")
         if r.seed is None or not head or tail != f"seed{r.seed}":
+            hint = ("; a spec with only seeds names its runs 'seed{seed}': set name_template,"
+                    " e.g. 'run/seed{seed}', or drop the flag" if not head else
+                    "; fix name_template or drop the flag")
             raise SweepError(f"--seeds_per_process needs run names ending in '/seed{{seed}}', "
-                             f"got {r.name!r}; fix name_template or drop the flag")
+                             f"got {r.name!r}{hint}")
         own = f"{spec.seed_binding} = {r.seed}"
         key = (head, r.gin_files, tuple(b for b in r.bindings if b != own))
         groups.setdefault(key, []).append(r)
@@ -243,6 +248,7 @@ class RunOutcome:
     reason: str | None = None
     returncode: int | None = None
     base_dir: str = ""
+    log: str = ""  # the sweep.log its process wrote (a seed group's is shared)
 
     def __str__(self) -> str:
         return self.name if not self.reason else f"{self.name}: {self.reason}"
@@ -820,11 +826,12 @@ def _last_log_line(log_path: Path) -> str | None:
     return None
 
 
-def _failure_reason(run_dir: Path, returncode: int | None, error: str | None) -> str:
+def _failure_reason(run_dir: Path, log: Path, returncode: int | None,
+                    error: str | None) -> str:
     if error:
         return error
     status = _read_status(run_dir)
-    last = _last_log_line(run_dir / SWEEP_LOG)
+    last = _last_log_line(log)
     if last:
         reason = last
     elif status.get("error"):
@@ -1088,7 +1095,8 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
           f"{len(todo)} to run with {backend} backend into {out}", file=stream, flush=True)
     progress = _Progress(len(runs), len(result.skipped), stream)
 
-    def record(r: RunSpec, rc: int | None, seconds: float, error: str | None) -> None:
+    def record(r: RunSpec, rc: int | None, seconds: float, error: str | None,
+               log: Path) -> None:
         run_dir = out / r.name
         status = _read_status(run_dir)
         if rc == 0 and error is None and status.get("state") != "failed":
@@ -1096,13 +1104,15 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
             result.done.append(outcome)
         else:
             outcome = RunOutcome(r.name, "failed", seconds,
-                                 _failure_reason(run_dir, rc, error), rc, str(run_dir))
+                                 _failure_reason(run_dir, log, rc, error), rc, str(run_dir),
+                                 str(log))
             result.failed.append(outcome)
         progress.finished(outcome)
 
     def record_job(job: Job, rc: int | None, seconds: float, error: str | None) -> None:
+        log = out / job.run.name / SWEEP_LOG  # a seed group's is in the group's directory
         for member in job.members:
-            record(member, rc, seconds, error)
+            record(member, rc, seconds, error, log)
 
     try:
         if jobs and backend == "local":
@@ -1190,5 +1200,16 @@ def _print_closing(spec: SweepSpec, result: SweepResult, order: dict[str, int],
     print(_table(rows, ["run", "state", "seconds", "reason"]), file=stream)
     print(f"sweep {spec.name!r} finished in {_fmt_seconds(elapsed)}: {len(result.done)} done, "
           f"{len(result.failed)} failed, {len(result.skipped)} skipped, {len(outcomes)} total"
-          + (f"; logs in {result.out_dir}/<run>/sweep.log" if result.failed else ""),
+          + (f"; logs in {_log_hint(result)}" if result.failed else ""),
           file=stream, flush=True)
+
+
+def _log_hint(result: SweepResult) -> str:
+    """Where the failed runs' logs are: the one file, or the pattern when each run
+    wrote its own (a seed group writes one for its seeds, in the group's directory)."""
+    logs = sorted({o.log for o in result.failed})
+    if len(logs) == 1:
+        return logs[0]
+    if all(o.log == os.path.join(o.base_dir, SWEEP_LOG) for o in result.failed):
+        return f"{result.out_dir}/<run>/{SWEEP_LOG}"
+    return f"{result.out_dir}/<run or seed group>/{SWEEP_LOG}"

@@ -601,6 +601,32 @@ def test_ungroupable_seeds_refused_before_anything_is_printed_or_written(
     assert snapshot(out) == before
 
 
+def test_seeds_only_spec_is_told_how_to_group(gin_dir, fake_trainer, tmp_path):
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0, 1]\n')
+    assert [r.name for r in expand(load_spec(path))] == ["seed0", "seed1"]
+    with pytest.raises(SweepError, match="only seeds names its runs 'seed{seed}': set "
+                                         "name_template, e.g. 'run/seed{seed}'"):
+        run_sweep(path, tmp_path / "out", seeds_per_process=True,
+                  command_prefix=fake_trainer, stream=io.StringIO())
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_seed_group_reports_the_groups_log(gin_dir, fake_trainer, tmp_path):
+    # The fake trainer knows no --num_seeds: the group's process fails on it.
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0, 1]\n'
+                                     'name_template = "g/seed{seed}"\n')
+    out, stream = tmp_path / "out", io.StringIO()
+    result = run_sweep(path, out, seeds_per_process=True, command_prefix=fake_trainer,
+                       stream=stream)
+    log = out / "g" / "sweep.log"
+    assert "--num_seeds" in log.read_text()
+    assert [o.name for o in result.failed] == ["g/seed0", "g/seed1"]
+    for o in result.failed:
+        assert o.log == str(log)
+        assert o.reason.startswith("exit 2: ") and "unrecognized arguments" in o.reason
+    assert stream.getvalue().rstrip().endswith(f"logs in {log}")
+
+
 def test_dry_run_refuses_a_foreign_out_dir(gin_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -687,6 +713,7 @@ def test_local_sweep_two_workers_failure_and_rerun(gin_dir, fake_trainer, tmp_pa
     closing = text[text.index("run "):]
     assert "bad/seed0" in closing and "failed" in closing and "the binding is bad" in closing
     assert "4 done, 2 failed, 0 skipped, 6 total" in text
+    assert f"logs in {out}/<run>/sweep.log" in text  # each failed run wrote its own
     # one progress line per finished run (stream is not a TTY)
     assert text.count("[") >= 6
     manifest = json.loads((out / "manifest.json").read_text())
