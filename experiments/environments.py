@@ -32,15 +32,15 @@ with every preprocessing option set explicitly, because its defaults differ from
 (30 no-op starts, reward clipping, fire reset, a stack of 4, NEXT_STEP autoreset):
 
 * ALE v5 game, sticky actions ``repeat_action_probability=0.25`` (0.0 with
-  ``sticky_actions=False``), minimal action set (``full_action_space=False``);
+  ``sticky_actions=False``), minimal action set (gin ``full_action_space=False``);
 * ``frameskip=4`` with max-pool over the last two frames, grayscale, 84x84 (area resize; gin
   parameters ``create_atari_environment.frame_skip`` and ``.screen_size``),
   ``stack_num=1`` (the stack axis is squeezed away);
-* ``noop_max=0``, ``use_fire_reset=False``, ``episodic_life=False``: a lost life never resets
-  the game. With ``terminal_on_life_loss=True`` it is reported in ``life_lost`` (from the change
-  in ALE's ``lives``), as Dopamine's ``AtariPreprocessing`` reports it: terminal for learning
-  and the end of the agent's episode (new frame stack), while the game, its return and its
-  episode cap go on until game over;
+* ``noop_max=0`` (a gin parameter), ``use_fire_reset=False``, ``episodic_life=False``: a lost
+  life never resets the game. With ``terminal_on_life_loss=True`` it is reported in
+  ``life_lost`` (from the change in ALE's ``lives``), as Dopamine's ``AtariPreprocessing``
+  reports it: terminal for learning and the end of the agent's episode (new frame stack),
+  while the game, its return and its episode cap go on until game over;
 * ``reward_clipping=False``: rewards are the UNCLIPPED game score (clipping to [-1, 1] is done by
   the runner, for learning only, so reported returns are always the true game score);
 * ``autoreset_mode='SameStep'`` (supported natively by ale-py 0.12);
@@ -48,10 +48,11 @@ with every preprocessing option set explicitly, because its defaults differ from
   reported as ``truncated``. The cap is counted here, per sub-environment, and the capped
   sub-environments are reset in the same step (partial reset with ``reset_mask``, without a
   seed: the sub-environment's own generator continues, as after a natural episode end, so runs
-  stay reproducible; a seeded partial reset costs about 100 ms in ale-py 0.12, 4 ms without). ALE's own ``max_num_frames_per_episode`` is not
-  used for the cap (it is set out of reach) because in ale-py 0.12 the observation returned at an
-  ALE truncation is stale: it repeats the previous step's frame instead of the frame after the
-  last 4 frames (found while writing tests/test_environments.py). ALE's counter and ours both
+  stay reproducible; a seeded partial reset costs about 100 ms in ale-py 0.12, 4 ms without).
+  ALE's own ``max_num_frames_per_episode`` is not used for the cap (it is set out of reach)
+  because in ale-py 0.12 the observation returned at an ALE truncation is stale: it repeats
+  the previous step's frame instead of the frame after the last 4 frames (found while writing
+  tests/test_environments.py). ALE's counter and ours both
   restart at every game end (game over or cap), not at a lost life.
   ``truncated`` is only set where ``terminated`` is not: a terminal transition is terminal.
 
@@ -234,7 +235,10 @@ class AtariEnv:
 
     `frame_skip` and `screen_size` are Dopamine's `AtariPreprocessing` parameters (4 and 84 by
     default): frames per agent step (max-pooled over the last two) and the side of the square
-    grayscale observation.
+    grayscale observation. Off the protocol, for other papers' settings: `full_action_space`
+    (all 18 actions instead of the game's minimal set) and `noop_max` (ale-py's no-op starts:
+    after every reset, a random number of up to `noop_max` no-op frames drawn from the
+    sub-environment's own seeded generator; 0, the protocol, takes none).
     """
 
     observation_dtype = np.dtype(np.uint8)
@@ -251,6 +255,8 @@ class AtariEnv:
         num_threads: int = 0,
         frame_skip: int = FRAMES_PER_AGENT_STEP,
         screen_size: int = 84,
+        full_action_space: bool = False,
+        noop_max: int = 0,
     ):
         from ale_py.vector_env import AtariVectorEnv
 
@@ -268,8 +274,13 @@ class AtariEnv:
                 raise ValueError(
                     f"create_atari_environment.{name}={value!r} must be an integer >= 1"
                 )
+        if not is_int(noop_max) or noop_max < 0:
+            raise ValueError(
+                f"create_atari_environment.noop_max={noop_max!r} must be an integer >= 0"
+            )
         check_flags("create_atari_environment", sticky_actions=sticky_actions,
-                    terminal_on_life_loss=terminal_on_life_loss)
+                    terminal_on_life_loss=terminal_on_life_loss,
+                    full_action_space=full_action_space)
         self.name = game
         self.frame_skip = frame_skip
         self.num_envs = int(num_envs)
@@ -287,7 +298,7 @@ class AtariEnv:
             # The cap is counted in step() (see the module docstring): ALE's is set out of reach.
             max_num_frames_per_episode=_NO_CAP_FRAMES,
             repeat_action_probability=0.25 if self.sticky_actions else 0.0,
-            full_action_space=False,
+            full_action_space=bool(full_action_space),
             continuous=False,
             autoreset_mode="SameStep",
             img_height=screen_size,
@@ -296,7 +307,7 @@ class AtariEnv:
             stack_num=1,
             frameskip=frame_skip,
             maxpool=True,
-            noop_max=0,
+            noop_max=int(noop_max),
             episodic_life=False,  # a lost life is reported in life_lost, see step()
             life_loss_info=False,
             reward_clipping=False,

@@ -107,6 +107,44 @@ def test_atari_protocol_settings_passed_explicitly(monkeypatch):
     assert kw["max_num_frames_per_episode"] > 4 * 100
 
 
+def test_full_action_space_and_no_op_starts_are_gin_parameters():
+    env = create_atari_environment("Pong", full_action_space=True)
+    assert env.num_actions == 18  # the minimal set has 6
+    env.close()
+
+    def first_frames(noop_max, seeds=range(5)):
+        frames = []
+        for seed in seeds:
+            env = create_atari_environment("Seaquest", noop_max=noop_max, seed=seed)
+            frames.append(env.reset().tobytes())
+            env.close()
+        return frames
+
+    assert len(set(first_frames(0))) == 1  # the protocol: every game starts alike
+    starts = first_frames(30)
+    assert len(set(starts)) > 1  # no-op starts vary with the seed ...
+    assert starts == first_frames(30)  # ... reproducibly
+    # Capped episodes restart with their own no-ops, from the env's generator.
+    env = create_atari_environment("Seaquest", noop_max=30, seed=1, max_steps_per_episode=3)
+    restarts = [env.reset().tobytes()]
+    for _ in range(12):
+        step = env.step(np.zeros(1, np.int64))
+        if step.truncated[0]:
+            restarts.append(step.observation.tobytes())
+    env.close()
+    assert len(restarts) == 5 and len(set(restarts)) > 1
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(noop_max=-1), "noop_max=-1 must be an integer >= 0"),
+    (dict(noop_max=2.5), "noop_max=2.5 must be an integer >= 0"),
+    (dict(full_action_space="yes"), "full_action_space='yes' must be True or False"),
+])
+def test_bad_action_space_or_no_op_settings_are_refused(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        create_atari_environment("Pong", **kwargs)
+
+
 def test_atari_rewards_unclipped():
     env = create_atari_environment("SpaceInvaders", sticky_actions=False, seed=0)
     try:
