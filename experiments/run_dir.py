@@ -18,11 +18,15 @@ Guarantees:
   one that holds a run of a different config. Refusals raise ``RunDirError`` whose
   message is one sentence naming the problem and the fix; the CLI prints it on one
   line and exits with status 2.
+* One process at a time trains in a run directory: ``RunDir.lock`` takes an ``flock``
+  on the directory itself (no file is written) and refuses a directory another
+  process holds; the kernel releases it when that process ends, however it ends.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import os
 import re
@@ -38,6 +42,32 @@ CHECKPOINT_DIR = "checkpoints"
 # Entries whose presence marks a directory as a moerl run.
 SWEEP_LOG = "sweep.log"
 _RUN_MARKERS = (CONFIG_FILE, STATUS_FILE, METRICS_FILE)
+_SEED_DIR = re.compile(r"seed\d+")
+
+
+def holds_run(path: str) -> bool:
+  """Whether directory ``path`` holds a moerl run (any of its marker files)."""
+  return any(os.path.exists(os.path.join(path, m)) for m in _RUN_MARKERS)
+
+
+def seed_group_dirs(path: str) -> list[str]:
+  """The ``seed<k>`` subdirectories of ``path`` that hold runs: a ``moerl train
+  --num_seeds`` group's seeds when ``path`` is its ``--base_dir``."""
+  try:
+    names = os.listdir(path)
+  except OSError:
+    return []
+  return sorted((n for n in names if _SEED_DIR.fullmatch(n)
+                 and holds_run(os.path.join(path, n))), key=lambda n: int(n[4:]))
+
+
+def group_hint(path: str) -> str:
+  """'' or a sentence saying that ``path`` is a seed group's directory."""
+  seeds = seed_group_dirs(path)
+  if not seeds:
+    return ""
+  return (f" It holds a --num_seeds group ({', '.join(seeds)}): pass --num_seeds to "
+          f"train the group, or one seed's directory ({os.path.join(path, seeds[0])}).")
 STATES = ("running", "done", "failed")
 
 # The process umask, read once (reading it means setting it): new files get the
@@ -174,6 +204,27 @@ class RunDir:
 
   def __init__(self, base_dir: str):
     self.base_dir = os.path.abspath(os.path.expanduser(os.fspath(base_dir)))
+    self._lock_fd: int | None = None
+
+  def lock(self) -> None:
+    """Takes the (existing) directory for this process until ``unlock`` or the
+    process ends; RunDirError while another process trains in it."""
+    if self._lock_fd is not None:
+      return
+    fd = os.open(self.base_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise RunDirError(
+          f"--base_dir {self.base_dir} is in use: another moerl process is training "
+          "in it; wait for it to end (status.json), or use a new --base_dir.") from None
+    self._lock_fd = fd
+
+  def unlock(self) -> None:
+    if self._lock_fd is not None:
+      os.close(self._lock_fd)  # releases the flock
+      self._lock_fd = None
 
   @property
   def config_path(self) -> str:
@@ -230,6 +281,9 @@ class RunDir:
             "fix its permissions or use a different --base_dir.") from None
       # `moerl sweep` creates a run's directory with its sweep.log first.
       if (set(entries) - {SWEEP_LOG}) and not any(m in entries for m in _RUN_MARKERS):
+        hint = group_hint(base)
+        if hint:
+          raise RunDirError(f"--base_dir {base} is not a run.{hint}")
         raise RunDirError(
             f"--base_dir {base} is a foreign directory (not empty and not a moerl "
             "run); use a new or empty --base_dir.")

@@ -221,6 +221,7 @@ class Runner:
         num_envs=n, seed=seed, max_steps_per_episode=max_steps_per_episode)
     self.env = self._make_env(num_envs)
     self._eval_env = None
+    self._run_dir = None  # RunDir, once open_run has accepted base_dir
     self.is_atari = isinstance(self.env, environments.AtariEnv)
     self.agent = agent(
         num_actions if num_actions is not None else self.env.num_actions,
@@ -304,12 +305,14 @@ class Runner:
     With `restore=False` the agent is left as built, for a caller that picks
     the checkpoint itself (a SeedGroup resumes its seeds from a common one).
     Bad input (a foreign or different-config base_dir, a corrupt checkpoint,
-    logged iterations whose checkpoints are gone) raises RunDirError before
+    logged iterations whose checkpoints are gone, a damaged metrics.jsonl
+    line) raises RunDirError before
     anything on disk changes: a resumed run's config.gin (which may differ in
     Runner.num_iterations) is rewritten by `start_logging`.
     """
     self._run_dir = RunDir(self.base_dir)
     resume = self._run_dir.prepare(operative_config)
+    self._run_dir.lock()  # released by end_run or close
     self._operative_config = operative_config
     self._checkpointer = Checkpointer(self._run_dir.checkpoint_dir)
     latest = self._checkpointer.latest_iteration() if resume else None
@@ -322,8 +325,9 @@ class Runner:
     # A run killed between logging an iteration and checkpointing it has one
     # logged iteration past its checkpoint, which the resume drops; more means
     # checkpoints were removed, and resuming would drop logged results.
-    records = (read_metrics(self._run_dir.metrics_path, lenient=True) if resume
-               else [])
+    # Read strictly: a damaged line is refused here, before any write (the
+    # resume's truncate_metrics would refuse it only after config.gin).
+    records = read_metrics(self._run_dir.metrics_path) if resume else []
     logged = max((r['iteration'] for r in records if is_int(r.get('iteration'))),
                  default=-1)
     if logged > start:
@@ -374,6 +378,7 @@ class Runner:
         message = f'{type(error).__name__}: {error}'
       self._run_dir.write_status('failed', iteration, message)
     self._logger.close()
+    self._run_dir.unlock()
 
   def run_experiment(self, operative_config: str) -> None:
     """Runs (or resumes) every iteration."""
@@ -458,6 +463,8 @@ class Runner:
     self.env.close()
     if self._eval_env is not None:
       self._eval_env.close()
+    if self._run_dir is not None:
+      self._run_dir.unlock()
 
 
 def _format(value, spec: str) -> str:
