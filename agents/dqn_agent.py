@@ -65,7 +65,7 @@ from agents import devices, losses
 from agents.frame_stack import FrameStacker
 from agents.metric_sums import MetricSums
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
-from networks.checks import check_flags, is_int
+from networks.checks import check_flags, check_fractions, is_int, is_number
 from networks.expert_metrics import GRAM_KEY, expert_metrics, srank_from_gram
 from networks.q_network import NetworkOutput, QNetwork
 
@@ -91,6 +91,10 @@ def create_optimizer(name: str = 'adam', learning_rate: float = 6.25e-5,
                      beta1: float = 0.9, beta2: float = 0.999,
                      eps: float = 1.5e-4, centered: bool = False):
   """Dopamine's optimiser factory (same gin names)."""
+  for key, value in (('learning_rate', learning_rate), ('eps', eps),
+                     ('beta1', beta1), ('beta2', beta2)):
+    if not is_number(value):
+      raise ValueError(f'create_optimizer.{key}={value!r} must be a number.')
   if not learning_rate > 0 or not eps >= 0:
     raise ValueError(f'create_optimizer: learning_rate={learning_rate!r} must '
                      f'be > 0 and eps={eps!r} >= 0.')
@@ -289,6 +293,8 @@ class DQNAgent:
     check_flags(type(self).__name__, double_dqn=double_dqn,
                 log_expert_metrics=log_expert_metrics, async_acting=async_acting,
                 pipeline_updates=pipeline_updates)
+    check_fractions(type(self).__name__, gamma=gamma, epsilon_train=epsilon_train,
+                    epsilon_eval=epsilon_eval)
     # The first update samples once add_count * num_envs > min_replay_history,
     # and a record needs the update_horizon records after it stored.
     if not is_int(min_replay_history) or (min_replay_history <

@@ -142,9 +142,11 @@ def effective_configs(configs):
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-  """NumPy's MemoryError, or XLA's failure to allocate."""
-  return (isinstance(error, MemoryError)
-          or 'RESOURCE_EXHAUSTED' in str(error))
+  """NumPy's MemoryError, or XLA's failure to allocate (RESOURCE_EXHAUSTED,
+  or an INTERNAL error that says it ran out of memory)."""
+  text = str(error)
+  return (isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in text
+          or ('INTERNAL' in text and 'out of memory' in text.lower()))
 
 
 def _out_of_memory(error: BaseException) -> str:
@@ -199,7 +201,11 @@ def _train_seeds(args) -> int:
   """--num_seeds S: seeds k..k+S-1 (k = Runner.seed) in <base_dir>/seed<k>."""
   import gin  # pylint: disable=g-import-not-at-top
   from experiments import gin_config  # pylint: disable=g-import-not-at-top
+  from experiments.run_dir import holds_run  # pylint: disable=g-import-not-at-top
   from experiments.seed_group import SeedGroup  # pylint: disable=g-import-not-at-top
+  if holds_run(args.base_dir):
+    raise UsageError(f'--base_dir {args.base_dir} holds a run of its own; --num_seeds '
+                     'writes each seed to <base_dir>/seed<k>: use a new --base_dir.')
   gin_config.load(args.gin_files, args.gin_bindings)
   try:
     first_seed = int(gin.query_parameter('Runner.seed'))
@@ -226,9 +232,14 @@ def _train_seeds(args) -> int:
 
 def _run_config(base_dir: str) -> str:
   """The config.gin of an existing run, or UsageError."""
-  from experiments.run_dir import RunDir  # pylint: disable=g-import-not-at-top
+  from experiments.run_dir import RunDir, seed_group_dirs  # pylint: disable=g-import-not-at-top
   config = RunDir(base_dir).config_path
   if not os.path.isfile(config):
+    seeds = seed_group_dirs(base_dir)
+    if seeds:
+      raise UsageError(f'{base_dir} is a --num_seeds group ({", ".join(seeds)}), not '
+                       f'one run; pass one seed\'s directory, such as '
+                       f'{os.path.join(base_dir, seeds[0])}.')
     raise UsageError(f'{base_dir} is not a moerl run (no config.gin); '
                      'pass the --base_dir of a `moerl train` run.')
   return config
@@ -517,6 +528,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   in_main_thread = threading.current_thread() is threading.main_thread()
   previous = (signal.signal(signal.SIGTERM, _raise_terminated)
               if in_main_thread else None)
+  for name in ('base_dir', 'out', 'dir'):  # a '~' the shell left (--base_dir=~/x)
+    if isinstance(getattr(args, name, None), str):
+      setattr(args, name, os.path.expanduser(getattr(args, name)))
   try:
     return args.func(args)
   except (UsageError, GinConfigError) as e:

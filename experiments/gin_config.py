@@ -9,6 +9,7 @@ in a file or binding is reported instead of silently ignored.
 import importlib.resources
 import logging
 import os
+import re
 import tokenize
 from typing import List, Optional, Sequence
 
@@ -62,6 +63,36 @@ def first_line(error: BaseException) -> str:
   return text.splitlines()[0] if text else type(error).__name__
 
 
+# gin's parser hands a value that is not a literal to ast.literal_eval, whose
+# error names an AST node: say what gin accepts instead.
+_NOT_A_LITERAL = ('a value must be a literal (a number, string, list, tuple, dict, '
+                  'True, False or None), an @reference or a %MACRO, not a Python '
+                  "expression such as float('nan')")
+
+
+def _parse_error(error: Exception, paths: Sequence[str] = ()) -> str:
+  """One line for an error gin raised while parsing `paths` and bindings."""
+  if isinstance(error, UnicodeDecodeError):
+    bad = [p for p in paths if not _is_utf8(p)]
+    where = f'{bad[0]} is' if bad else 'an included gin file is'
+    return f'{where} not UTF-8 text; pass a gin file'
+  line = first_line(error)
+  if line.startswith('malformed node or string'):
+    return _NOT_A_LITERAL
+  return line
+
+
+def _is_utf8(path: str) -> bool:
+  try:
+    with open(path, encoding='utf-8') as f:
+      f.read()
+  except UnicodeDecodeError:
+    return False
+  except OSError:
+    pass
+  return True
+
+
 def load(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:
   """Clears gin and parses files then bindings; GinConfigError on bad input."""
   paths = [resolve_gin_file(f) for f in gin_files]
@@ -77,8 +108,13 @@ def load(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:
   except tokenize.TokenError as e:  # gin reads to the end of the text
     raise GinConfigError(f'bad gin config: {e.args[0]} (an unclosed bracket '
                          'or quote?)') from None
+  except RecursionError as e:  # gin adds an 'In file' line per include level
+    files = list(dict.fromkeys(reversed(re.findall(r'In file "([^"]+)"', str(e)))))
+    raise GinConfigError('bad gin config: the includes of '
+                         f'{", ".join(files) or "the gin files"} form a loop; remove '
+                         'the include that leads back') from None
   except (ValueError, KeyError, TypeError, SyntaxError, OSError, ImportError) as e:
-    raise GinConfigError(f'bad gin config: {first_line(e)}') from None
+    raise GinConfigError(f'bad gin config: {_parse_error(e, paths)}') from None
   finally:
     logging.disable(logging.NOTSET)
 
@@ -92,7 +128,7 @@ def validate_binding(binding: str) -> None:
   try:
     gin.parse_config(binding)
   except (ValueError, KeyError, SyntaxError, ImportError) as e:
-    raise ValueError(first_line(e)) from None
+    raise ValueError(_parse_error(e)) from None
   finally:
     gin.clear_config()
 

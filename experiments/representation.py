@@ -88,6 +88,11 @@ def predict(layer: SoftMoE, params, x) -> jax.Array:
   return jnp.sum(outputs, axis=(1, 2))
 
 
+# A bound on --steps: one PRNG key per step is drawn up front (8 bytes each),
+# and 10M steps of the default model take hours on a CPU.
+MAX_STEPS = 10_000_000
+
+
 def train_model(num_experts: int, *, seed: int = 0, steps: int,
                 num_tokens: int, token_dim: int, total_hidden_units: int,
                 batch_size: int, learning_rate: float, num_test: int,
@@ -172,8 +177,9 @@ def run_representation(out_dir: Optional[str], experts: Sequence[int] = (1, 8),
     settings['steps'] = steps
   experts = sorted(set(int(e) for e in experts))
   hidden = settings['total_hidden_units']
-  if settings['steps'] < 1:
-    raise RepresentationError(f"--steps={settings['steps']} must be >= 1.")
+  if not 1 <= settings['steps'] <= MAX_STEPS:
+    raise RepresentationError(f"--steps={settings['steps']} must be between 1 and "
+                              f"{MAX_STEPS:,} (each model's keys are drawn up front).")
   if not experts:
     raise RepresentationError('--experts names no expert count: pass e.g. 1,8.')
   bad = [e for e in experts if e < 1 or hidden % e]

@@ -14,6 +14,19 @@ def is_int(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def is_number(value) -> bool:
+  """A real number (Python or NumPy), and not a bool; NaN included."""
+  return (isinstance(value, (int, float, np.integer, np.floating))
+          and not isinstance(value, bool))
+
+
+def check_fractions(owner: str, **values) -> None:
+  """ValueError naming `owner.name` unless every value is a number in [0, 1]."""
+  for name, value in values.items():
+    if not is_number(value) or not 0.0 <= value <= 1.0:
+      raise ValueError(f'{owner}.{name}={value!r} must be a number in [0, 1].')
+
+
 def check_flags(owner: str, **flags) -> None:
   """ValueError naming `owner.name` unless every flag is True or False (a
   string such as 'no' would otherwise count as true)."""

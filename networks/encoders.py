@@ -11,6 +11,8 @@ import flax.linen as nn
 import gin
 import jax.numpy as jnp
 
+from networks.checks import is_int
+
 # Dopamine's JAX networks use Xavier-uniform kernels throughout.
 XAVIER = nn.initializers.xavier_uniform()
 
@@ -84,8 +86,11 @@ class MLPEncoder(nn.Module):
   num_tokens: int = 1
 
   def __post_init__(self):
-    if not self.hidden_units:
-      raise ValueError('MLPEncoder.hidden_units must name at least one layer.')
+    units = self.hidden_units
+    if (not isinstance(units, (tuple, list)) or not units
+        or not all(is_int(u) and u >= 1 for u in units)):
+      raise ValueError(f'MLPEncoder.hidden_units={units!r} must be a non-empty '
+                       'tuple of integers >= 1, such as (512,).')
     if self.num_tokens < 1 or self.hidden_units[-1] % self.num_tokens:
       raise ValueError(
           f'MLPEncoder.num_tokens={self.num_tokens} must be >= 1 and divide '

@@ -60,7 +60,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
       (['--experts', '1,3'], 'divide'),
       (['--experts', '0,8'], 'out of range'),
       (['--experts', 'x'], 'integers'),
-      (['--steps', '0'], '>= 1'),
+      (['--steps', '0'], 'between 1 and 10,000,000'),
+      (['--steps', '2147483648'], 'between 1 and 10,000,000'),
+      (['--steps', '99999999999999999999'], 'between 1 and 10,000,000'),
       (['--seed', '-1'], '--seed'),
       (['--seed', str(2**40)], '--seed')):
     code, _, err = _run_cli(['representation', '--out', str(tmp_path / 'r'),

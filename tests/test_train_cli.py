@@ -12,6 +12,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -290,6 +292,94 @@ def test_refuses_to_resume_past_removed_checkpoints(cartpole_runs, tmp_path):
   assert _snapshot(base_dir) == before
 
 
+def test_refuses_a_damaged_metrics_line_before_writing(cartpole_runs, tmp_path):
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  path = os.path.join(base_dir, 'metrics.jsonl')
+  with open(path, 'rb') as f:
+    lines = f.read().split(b'\n')
+  lines[0] = lines[0][:100]  # a complete line that is no longer JSON
+  with open(path, 'wb') as f:
+    f.write(b'\n'.join(lines))
+  before = _snapshot(base_dir)
+  # Resuming as is and extending the run (which rewrites config.gin) alike.
+  for extra in ([], ['--gin_bindings', 'Runner.num_iterations = 3']):
+    code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS +
+                            extra)
+    _assert_usage_error(code, err, 'metrics.jsonl line 1 is not a JSON object')
+    assert _snapshot(base_dir) == before
+
+
+def test_num_seeds_refuses_a_lone_runs_directory(cartpole_runs, tmp_path):
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  before = _snapshot(base_dir)
+  code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS +
+                          ['--num_seeds', '2'])
+  _assert_usage_error(code, err, 'holds a run of its own', 'use a new --base_dir')
+  assert _snapshot(base_dir) == before
+
+
+@pytest.mark.parametrize('command', [['train'] + CARTPOLE_ARGS, ['eval'],
+                                     ['experts']])
+def test_a_seed_groups_directory_is_named_as_such(cartpole_runs, tmp_path, command):
+  group = tmp_path / 'group'
+  for seed in ('seed0', 'seed1'):
+    shutil.copytree(cartpole_runs[0], group / seed)
+  before = _snapshot(str(group))
+  code, _, err = _run_cli([command[0], '--base_dir', str(group)] + command[1:])
+  _assert_usage_error(code, err, '--num_seeds group (seed0, seed1)',
+                      str(group / 'seed0'))
+  assert _snapshot(str(group)) == before
+
+
+def test_a_tilde_in_base_dir_is_the_home_directory(tmp_path, monkeypatch):
+  """As a shell would expand it: --base_dir=~/x reaches moerl unexpanded."""
+  home = tmp_path / 'home'
+  home.mkdir()
+  monkeypatch.setenv('HOME', str(home))
+  monkeypatch.chdir(tmp_path)
+  one = [a if a != 'Runner.num_iterations = 2' else 'Runner.num_iterations = 1'
+         for a in CARTPOLE_ARGS]
+  assert _run_cli(['train', '--base_dir', '~/run'] + one)[0] == 0
+  code, _, err = _run_cli(['eval', '--base_dir', '~/run', '--episodes', '1'])
+  assert code == 0, err
+  assert not os.path.exists(tmp_path / '~')  # nothing went to a literal ~ folder
+  assert {'config.gin', 'metrics.jsonl', 'status.json', 'checkpoints',
+          'eval.json'} <= set(os.listdir(home / 'run'))
+
+
+def test_xla_out_of_memory_errors_are_recognised():
+  from experiments import cli  # pylint: disable=import-outside-toplevel
+  for text in ('RESOURCE_EXHAUSTED: Out of memory while trying to allocate',
+               'INTERNAL: Failed to allocate: Out of memory allocating 25769804548 '
+               'bytes'):
+    assert cli._is_out_of_memory(RuntimeError(text))  # pylint: disable=protected-access
+  assert cli._is_out_of_memory(MemoryError())  # pylint: disable=protected-access
+  assert not cli._is_out_of_memory(  # pylint: disable=protected-access
+      RuntimeError('INTERNAL: something else'))
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused(cartpole_runs,
+                                                              tmp_path):
+  """A second `moerl train` on a directory that a live process trains in (a
+  duplicated job) is refused; once that process is gone the run is free."""
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  holder = subprocess.Popen(  # holds the lock RunDir.lock takes, as a run does
+      [sys.executable, '-c', 'import sys\nfrom experiments.run_dir import RunDir\n'
+       'RunDir(sys.argv[1]).lock()\nprint("locked", flush=True)\nsys.stdin.read()',
+       base_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    before = _snapshot(base_dir)
+    extend = ['--gin_bindings', 'Runner.num_iterations = 3']
+    code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS + extend)
+    _assert_usage_error(code, err, 'is in use', 'another moerl process')
+    assert _snapshot(base_dir) == before
+  finally:
+    holder.communicate('')  # it exits, and the kernel drops its lock
+  code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS)
+  assert code == 0 and 'nothing to train' in err, err
+
+
 def test_eval_refuses_an_eval_json_directory_before_playing(cartpole_runs,
                                                             tmp_path):
   base_dir = _copy_run(cartpole_runs[0], tmp_path)
@@ -396,12 +486,27 @@ def test_fewer_iterations_than_a_run_holds_is_refused(cartpole_runs, tmp_path):
       'create_optimizer.learning_rate = -1.0'], ['learning_rate=-1.0']),
     (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
       'DQNAgent.gamma = (0.9'], ['bad gin config', 'unclosed bracket']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      'DQNAgent.epsilon_train = 2.0'], ['DQNAgent.epsilon_train=2.0', '[0, 1]']),
+    (['--gin_files', 'cartpole_rainbow_softmoe.gin', '--gin_bindings',
+      'RainbowAgent.epsilon_eval = -0.5'], ['RainbowAgent.epsilon_eval=-0.5', '[0, 1]']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      'DQNAgent.gamma = 1.5'], ['DQNAgent.gamma=1.5', '[0, 1]']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      "create_optimizer.learning_rate = '1e-3'"],
+     ["create_optimizer.learning_rate='1e-3' must be a number"]),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      'MLPEncoder.hidden_units = 512'], ['MLPEncoder.hidden_units=512', '(512,)']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      "create_optimizer.learning_rate = float('nan')"],
+     ['bad gin config', 'must be a literal', 'not a Python expression']),
 ], ids=['unknown_game', 'unknown_parameter', 'missing_gin_file',
         'zero_experts', 'k_above_experts', 'negative_seed', 'experts_not_a_number',
         'experts_not_an_int', 'no_warmup', 'negative_eval_steps',
         'dqn_binding_on_rainbow', 'huge_seed', 'missing_gin_import',
         'replay_beyond_memory', 'flag_not_a_bool', 'negative_learning_rate',
-        'unclosed_bracket'])
+        'unclosed_bracket', 'epsilon_above_1', 'epsilon_below_0', 'gamma_above_1',
+        'learning_rate_a_string', 'hidden_units_not_a_tuple', 'value_not_a_literal'])
 def test_bad_train_input_is_refused_without_writing(argv, fragments, tmp_path,
                                                     cartpole_runs):
   # A fresh base_dir is not even created ...
@@ -415,6 +520,22 @@ def test_bad_train_input_is_refused_without_writing(argv, fragments, tmp_path,
   code, _, err = _run_cli(['train', '--base_dir', existing] + argv)
   _assert_usage_error(code, err)
   assert _snapshot(existing) == before
+
+
+def test_bad_gin_files_are_named_on_one_line(tmp_path):
+  loop_a, loop_b = tmp_path / 'a.gin', tmp_path / 'b.gin'
+  loop_a.write_text(f"include '{loop_b}'\n")
+  loop_b.write_text(f"include 'cartpole_dqn.gin'\ninclude '{loop_a}'\n")
+  binary = tmp_path / 'binary.gin'
+  binary.write_bytes(b'\xad\xff\x00 not text')
+  for path, fragments in ((loop_a, [f'includes of {loop_a}, {loop_b} form a loop']),
+                          (binary, [f'{binary} is not UTF-8 text'])):
+    fresh = str(tmp_path / 'fresh')
+    code, _, err = _run_cli(['train', '--base_dir', fresh, '--gin_files', str(path)])
+    _assert_usage_error(code, err, 'bad gin config', *fragments)
+    assert not os.path.exists(fresh)
+    code, _, err = _run_cli(['params', '--gin_files', str(path)])
+    _assert_usage_error(code, err, *fragments)
 
 
 def test_eval_refuses_a_dir_without_a_run(tmp_path):
