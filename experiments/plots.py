@@ -141,7 +141,7 @@ def _num(v: Any) -> float:
         return math.nan
     try:
         return float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # an integer past float's range
         return math.nan
 
 

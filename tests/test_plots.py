@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import zlib
 
 import numpy as np
@@ -225,6 +226,16 @@ def test_damaged_and_repeated_lines_are_skipped(tmp_path):
     (run,) = plots.load_runs(tmp_path)
     assert run.iterations.tolist() == list(range(ITERS))
     assert run.train_return.tolist() == rets[:3] + [1234.0] + rets[4:]
+
+
+def test_a_number_beyond_float_range_reads_as_missing(tmp_path):
+    write_run(tmp_path, None, "dense", 1, 100, "CartPole-v1", 0, atari=False)
+    path = next(tmp_path.rglob("metrics.jsonl"))
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].replace('"agent_steps": 3000', '"agent_steps": 1' + "0" * 400)
+    path.write_text("\n".join(lines) + "\n")
+    (run,) = plots.load_runs(tmp_path)
+    assert math.isnan(run.agent_steps[2]) and run.agent_steps[1] == 2000
 
 
 def test_unwritable_out_names_the_out_flag(tmp_path):
