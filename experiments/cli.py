@@ -450,8 +450,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--backend', choices=('local', 'ray'), default='local')
   p.add_argument('--ray_address', default=None,
                  help="existing Ray cluster (e.g. 'auto'); default starts a local Ray")
-  p.add_argument('--cpus_per_run', type=float, default=1.0)
-  p.add_argument('--gpus_per_run', type=float, default=0.0)
+  p.add_argument('--cpus_per_run', type=float, default=None,
+                 help='CPUs per Ray task (--backend ray only; default 1)')
+  p.add_argument('--gpus_per_run', type=float, default=None,
+                 help='GPUs per Ray task (--backend ray only; default 0)')
   p.add_argument('--dry_run', action='store_true', help='print the plan, run nothing')
   p.add_argument('--seeds_per_process', action='store_true',
                  help='train consecutive seeds of a run in one process '

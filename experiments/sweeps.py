@@ -72,19 +72,35 @@ variants that differ only in name) is refused before any run starts. Adding seed
 values to a sweep and rerunning into the same ``out_dir`` is allowed and runs only the new
 runs. A changed ``Runner.num_iterations`` binding keeps the sweep the same (as for ``moerl
 train``): its done runs are run again, and ``moerl train`` extends each from its last
-checkpoint.
+checkpoint. A lower one is refused up front (``check_num_iterations``), as ``moerl train``
+would refuse each run, when a run to be (re)started already holds more finished iterations
+than its new ``Runner.num_iterations``.
 
 Backends
 --------
 ``local``: ``workers`` concurrent subprocesses. ``ray``: one Ray task per run
-(``num_cpus=cpus_per_run, num_gpus=gpus_per_run``) that runs the same subprocess on whichever
-node Ray picks. With ``ray_address`` set, ``out_dir`` and the gin files must be on a
-filesystem shared by all Ray nodes, and ``moerl`` must be installed on every node.
+(``num_cpus=cpus_per_run, num_gpus=gpus_per_run``, by default 1 CPU and no GPU) that runs the
+same subprocess on whichever node Ray picks. ``ray_address``, ``cpus_per_run`` and
+``gpus_per_run`` apply to the ray backend only and are refused with the local one (None
+means not given). With ``ray_address`` set, ``out_dir`` and the gin files
+must be on a filesystem shared by all Ray nodes, and ``moerl`` must be installed on every
+node.
+
+``ray_address`` is ``'auto'`` or ``'local'`` (Ray finds or starts the cluster on this
+machine), ``HOST:PORT`` (a cluster's GCS, e.g. ``head:6379``), ``ray://HOST:PORT`` (a Ray
+client server, e.g. ``ray://head:10001``) or another ``scheme://`` address Ray takes
+(passed on unchecked); other addresses are refused. For ``HOST:PORT`` and
+``ray://HOST:PORT``, a sweep with runs to start checks, before anything is written (in a
+dry run too), that a TCP connection to HOST:PORT succeeds within ``RAY_CONNECT_TIMEOUT_S``
+seconds: Ray itself would retry an unreachable address for ever. Ray is started or joined
+before the manifest is written, so a failing ``ray.init`` writes nothing either.
 """
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -94,6 +110,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -102,7 +119,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
-from experiments.run_dir import NUM_ITERATIONS_RE, SWEEP_LOG, RunDirError, atomic_write_json
+from experiments.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, NUM_ITERATIONS_RE, SWEEP_LOG,
+                                 RunDirError, atomic_write_json)
 from experiments.run_dir import read_status as read_run_status
 from networks.checks import is_int
 
@@ -1003,6 +1021,54 @@ def _check_out_dir(spec: SweepSpec, runs: list[RunSpec],
     return old.get("created"), resized
 
 
+_CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)(\.old)?$")  # experiments.checkpoints' finished ones
+
+
+def _finished_iterations(run_dir: Path) -> int:
+    """The iterations a run holds, as ``moerl train`` counts them when it resumes: its newest
+    finished checkpoint's + 1 (``Checkpointer.latest_iteration``, read here from the
+    listing, so that JAX stays out of this process), or 0 without a ``config.gin`` (such a
+    run is not resumed) or without checkpoints."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        return 0
+    try:
+        names = os.listdir(run_dir / CHECKPOINT_DIR)
+    except OSError:
+        return 0
+    found = [int(m.group(1)) for m in map(_CHECKPOINT_RE.match, names)
+             if m and (run_dir / CHECKPOINT_DIR / m.group(0)).is_dir()]
+    return max(found, default=-1) + 1
+
+
+def _bound_num_iterations(bindings: Sequence[str]) -> int | None:
+    """The ``Runner.num_iterations`` the last such binding sets, or None when none does
+    (the gin files decide) or its value is not an integer literal."""
+    for b in reversed(bindings):
+        if NUM_ITERATIONS_RE.match(b):
+            try:
+                value = ast.literal_eval(b.split("=", 1)[1].strip())
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                return None
+            return value if is_int(value) else None
+    return None
+
+
+def check_num_iterations(runs: Iterable[RunSpec], out_dir: Path) -> None:
+    """Refuses (SweepError) to start a run whose directory holds more finished iterations
+    (``_finished_iterations``) than its ``Runner.num_iterations`` binding: ``moerl train``
+    would refuse it in its own process. ``runs`` are those the sweep would (re)start, so
+    lowering the count of a finished sweep is refused before anything is written. A run
+    whose count comes from its gin files alone is left to ``moerl train``."""
+    for r in runs:
+        wanted = _bound_num_iterations(r.bindings)
+        held = _finished_iterations(out_dir / r.name)
+        if wanted is not None and held > wanted:
+            raise SweepError(f"{out_dir} holds run {r.name!r} with {held} finished "
+                             f"iterations, more than its Runner.num_iterations = {wanted}; "
+                             f"bind Runner.num_iterations to {held} or more, or choose "
+                             f"another out_dir")
+
+
 def _write_manifest(spec: SweepSpec, runs: list[RunSpec], out_dir: Path,
                     created: str | None) -> None:
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -1016,17 +1082,73 @@ def _write_manifest(spec: SweepSpec, runs: list[RunSpec], out_dir: Path,
                          f"directory") from None
 
 
-def _check_options(backend: str, workers: int, cpus_per_run: float, gpus_per_run: float,
-                   command_prefix: Sequence[str], ray_address: str | None) -> None:
-    if backend not in ("local", "ray"):
-        raise SweepError(f"unknown sweep backend {backend!r}; use 'local' or 'ray'")
-    if ray_address is not None and backend != "ray":
+RAY_CONNECT_TIMEOUT_S = 5.0
+_HOST_PORT_RE = re.compile(r"^(?:\[(?P<v6>[^\]\s]+)\]|(?P<host>[^:/\[\]\s]+))"
+                           r":(?P<port>\d{1,5})$")
+
+
+def _ray_host_port(address: str) -> tuple[str, int] | None:
+    """The (host, port) that ``ray_address`` connects to: that of ``HOST:PORT`` or
+    ``ray://HOST:PORT`` (an IPv6 host in brackets); None for 'auto', 'local' and other
+    ``scheme://`` addresses, which Ray resolves itself. Refused (SweepError): any other
+    address, or a port outside 1..65535."""
+    if address in ("auto", "local"):
+        return None
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme != "ray":
+        return None
+    match = _HOST_PORT_RE.match(rest if sep else address)
+    if not match or not 1 <= int(match["port"]) <= 65535:
+        raise SweepError(f"ray_address {address!r} is not 'auto', HOST:PORT or "
+                         f"ray://HOST:PORT; fix --ray_address, e.g. head:6379")
+    return match["v6"] or match["host"], int(match["port"])
+
+
+def _check_ray_reachable(address: str | None) -> None:
+    """Refuses (SweepError) a ``HOST:PORT`` or ``ray://HOST:PORT`` ray_address that takes no
+    TCP connection within RAY_CONNECT_TIMEOUT_S seconds (``ray.init`` would retry it for
+    ever); other addresses are left to Ray."""
+    where = None if address is None else _ray_host_port(address)
+    if where is None:
+        return
+    try:
+        socket.create_connection(where, timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except (OSError, UnicodeError) as e:  # UnicodeError: a host name IDNA refuses
+        reason = getattr(e, "strerror", None) or _first_line(e)
+        raise SweepError(f"cannot reach the Ray cluster at {address} ({reason}); start it "
+                         f"(ray start --head) or fix --ray_address") from None
+
+
+def _check_local_options(ray_address: str | None, resources: dict[str, float | None]) -> None:
+    """Refuses (SweepError) the options that apply to the ray backend only: a ray_address,
+    or a cpus_per_run / gpus_per_run request (None: not given)."""
+    if ray_address is not None:
         raise SweepError(f"ray_address {ray_address!r} needs the ray backend; pass "
                          f"--backend ray, or drop --ray_address")
+    for name, value in resources.items():
+        if value is not None:
+            raise SweepError(f"{name} {value!r} applies to the ray backend only (local runs "
+                             f"are not limited); pass --backend ray, or drop --{name}")
+
+
+def _check_options(backend: str, workers: int, cpus_per_run: float | None,
+                   gpus_per_run: float | None, command_prefix: Sequence[str],
+                   ray_address: str | None) -> None:
+    """Refuses (SweepError) an unknown backend, ray-only options with the local backend
+    (``_check_local_options``), a malformed ray_address (``_ray_host_port``), workers < 1,
+    a resource request that is not finite and >= 0, and an empty command_prefix."""
+    if backend not in ("local", "ray"):
+        raise SweepError(f"unknown sweep backend {backend!r}; use 'local' or 'ray'")
+    if backend == "local":
+        _check_local_options(ray_address, {"cpus_per_run": cpus_per_run,
+                                           "gpus_per_run": gpus_per_run})
+    elif ray_address is not None:
+        _ray_host_port(ray_address)
     if not isinstance(workers, int) or workers < 1:
         raise SweepError(f"workers must be a positive integer, got {workers!r}; pass "
                          f"--workers 1 or more")
-    if not all(math.isfinite(v) and v >= 0 for v in (cpus_per_run, gpus_per_run)):
+    if not all(math.isfinite(v) and v >= 0 for v in (cpus_per_run, gpus_per_run)
+               if v is not None):
         raise SweepError(f"cpus_per_run and gpus_per_run must be finite and >= 0, got "
                          f"{cpus_per_run!r} and {gpus_per_run!r}; fix the resource request")
     if not command_prefix:
@@ -1050,16 +1172,18 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
               command_prefix: Sequence[str] = ("moerl", "train"),
               validate_binding: Callable[[str], None] | None = None,
               effective_configs: EffectiveConfigs | None = None,
-              cpus_per_run: float = 1, gpus_per_run: float = 0.0,
+              cpus_per_run: float | None = None, gpus_per_run: float | None = None,
               seeds_per_process: bool = False,
               stream: TextIO | None = None) -> SweepResult:
     """Expand the spec at ``spec_path`` and run every unfinished run into ``out_dir/<name>``.
 
     With ``seeds_per_process``, consecutive seeds of one run share a process
     (``moerl train --num_seeds``; see ``group_seeds``). See the module docstring for
-    the output layout and backends. Raises SweepError for bad input (spec, options,
-    out_dir, job grouping) before anything is written, in a dry run too; a failing run
-    is recorded in ``SweepResult.failed`` and does not stop the others. With
+    the output layout and backends; ``cpus_per_run`` and ``gpus_per_run`` (ray backend
+    only) default to 1 CPU and no GPU. Raises SweepError for bad input (spec, options,
+    out_dir, a lowered ``Runner.num_iterations``, job grouping, an unreachable
+    ``ray_address``) before anything is written, in a dry run too; a failing run is
+    recorded in ``SweepResult.failed`` and does not stop the others. With
     ``effective_configs``, each distinct config is built once first (``check_configs``;
     on a terminal, a progress line shows which).
     """
@@ -1074,7 +1198,10 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
         if states[name] == "done":
             states[name] = "done, num_iterations changed"
     todo = [r for r in runs if states[r.name] != "done"]
+    check_num_iterations(todo, out)
     jobs = _plan_jobs(spec, runs, todo, seeds_per_process)
+    if backend == "ray" and jobs:
+        _check_ray_reachable(ray_address)
     if effective_configs is not None:
         check_configs(spec, runs, effective_configs, stream)
     result = SweepResult(out_dir=str(out), runs=runs, dry_run=dry_run)
@@ -1086,6 +1213,23 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
     if backend == "local" and shutil.which(command_prefix[0]) is None:
         raise SweepError(f"command {command_prefix[0]!r} was not found on PATH; install moerl "
                          f"(pip install -e .) or fix the command")
+    with contextlib.ExitStack() as ray_session:
+        if backend == "ray" and jobs:  # joined or started before anything is written
+            ray_session.enter_context(_ray_session(ray_address, workers))
+        _run_jobs(spec, runs, jobs, states, out, created, result, backend, workers,
+                  command_prefix, stream,
+                  cpus_per_run=1.0 if cpus_per_run is None else cpus_per_run,
+                  gpus_per_run=0.0 if gpus_per_run is None else gpus_per_run)
+    return result
+
+
+def _run_jobs(spec: SweepSpec, runs: list[RunSpec], jobs: list[Job], states: dict,
+              out: Path, created: str | None, result: SweepResult, backend: str,
+              workers: int, command_prefix: Sequence[str], stream: TextIO, *,
+              cpus_per_run: float, gpus_per_run: float) -> None:
+    """Writes the manifest, runs ``jobs`` and fills ``result`` (``run_sweep``'s execution:
+    its checks have passed, and a Ray session is open for the ray backend)."""
+    todo = [r for r in runs if states[r.name] != "done"]
     _write_manifest(spec, runs, out, created)
     result.skipped = [RunOutcome(r.name, "skipped", 0.0, "already done", None,
                                  str(out / r.name))
@@ -1118,8 +1262,7 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
         if jobs and backend == "local":
             _run_local(jobs, out, workers, command_prefix, record_job)
         elif jobs:
-            _run_ray(jobs, out, workers, ray_address, command_prefix, cpus_per_run,
-                     gpus_per_run, record_job)
+            _run_ray(jobs, out, command_prefix, cpus_per_run, gpus_per_run, record_job)
     finally:
         progress.close()
 
@@ -1127,7 +1270,6 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike, *, worke
     for lst in (result.done, result.failed, result.skipped):
         lst.sort(key=lambda o: order[o.name])
     _print_closing(spec, result, order, time.monotonic() - start, stream)
-    return result
 
 
 def _run_local(jobs, out: Path, workers: int, command_prefix, record) -> None:
@@ -1150,46 +1292,55 @@ def _run_local(jobs, out: Path, workers: int, command_prefix, record) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_ray(jobs, out: Path, workers: int, ray_address, command_prefix, cpus_per_run,
-             gpus_per_run, record) -> None:
+@contextlib.contextmanager
+def _ray_session(ray_address: str | None, workers: int) -> Iterator[None]:
+    """Joins the Ray cluster at ``ray_address`` (or starts a local Ray with ``workers``
+    CPUs) unless Ray is already initialised, and shuts down what it started. Refused
+    (SweepError, one line): Ray not installed; any failure of ``ray.init``."""
     try:
         import ray
     except ImportError:
         raise SweepError("the ray backend needs Ray; install it (pip install 'moerl[ray]') or "
                          "use --backend local") from None
-    started = False
-    if not ray.is_initialized():
-        try:
-            if ray_address:
-                ray.init(address=ray_address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            raise SweepError(f"cannot start or reach Ray at {ray_address or 'local'} "
-                             f"({str(e).splitlines()[0] if str(e) else e!r}); check "
-                             f"--ray_address") from None
-        started = True
+    if ray.is_initialized():
+        yield
+        return
     try:
-        task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run)(_execute)
-        refs = {task.remote(job.command(out, command_prefix), str(out / job.run.name)): job
-                for job in jobs}
-        pending = list(refs)
-        try:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                for ref in ready:
-                    try:
-                        rc, seconds, error = ray.get(ref)
-                    except Exception as e:  # a task crashed or its node died
-                        rc, seconds, error = None, 0.0, f"ray task failed: {type(e).__name__}"
-                    record(refs[ref], rc, seconds, error)
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    except Exception as e:  # ConnectionError, ValueError, RuntimeError, Ray's own errors
+        with contextlib.suppress(Exception):
+            ray.shutdown()  # whatever a failed start left running
+        raise SweepError(f"cannot start or reach Ray at {ray_address or 'local'} "
+                         f"({_first_line(e)}); check --ray_address") from None
+    try:
+        yield
     finally:
-        if started:
-            ray.shutdown()
+        ray.shutdown()
+
+
+def _run_ray(jobs, out: Path, command_prefix, cpus_per_run, gpus_per_run, record) -> None:
+    """Runs each job as a Ray task (in the session ``_ray_session`` opened)."""
+    import ray
+    task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run)(_execute)
+    refs = {task.remote(job.command(out, command_prefix), str(out / job.run.name)): job
+            for job in jobs}
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    rc, seconds, error = ray.get(ref)
+                except Exception as e:  # a task crashed or its node died
+                    rc, seconds, error = None, 0.0, f"ray task failed: {type(e).__name__}"
+                record(refs[ref], rc, seconds, error)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
 
 
 def _print_closing(spec: SweepSpec, result: SweepResult, order: dict[str, int],

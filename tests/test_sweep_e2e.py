@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,6 +69,22 @@ def test_local_sweep_then_plot(tmp_path, capsys):
   assert 'skipped' in capsys.readouterr().err
   assert mtimes == {r: os.path.getmtime(os.path.join(out, r, 'metrics.jsonl'))
                     for r in _runs(out)}
+
+  # Fewer iterations than the runs hold: `moerl train` would refuse each run, so the
+  # sweep refuses up front on one line (a dry run too) and writes nothing, manifest
+  # included.
+  lowered = open(spec).read().replace('Runner.num_iterations = 2',
+                                      'Runner.num_iterations = 1')
+  with open(spec, 'w') as f:
+    f.write(lowered)
+  before = _files(out)
+  for flags in (['--dry_run'], []):
+    code, stdout, stderr = _run_cli(['sweep', spec, '--out', out, *flags])
+    assert code == 2 and stdout == '', (flags, stdout, stderr)
+    assert stderr.startswith('moerl: error:') and stderr.count('\n') == 1, stderr
+    assert ("holds run 'e1/seed0' with 2 finished iterations, more than its "
+            'Runner.num_iterations = 1' in stderr), stderr
+  assert _files(out) == before
 
   plots = str(tmp_path / 'plots')
   assert cli.main(['plot', out, '--out', plots, '--last_n', '1']) == 0
@@ -162,6 +179,34 @@ def test_ray_backend(tmp_path):
   returns = [read_metrics(os.path.join(out, r, 'metrics.jsonl'))[-1]['agent_steps']
              for r in _runs(out)]
   assert np.all(np.array(returns) == 600)
+
+
+def _closed_port():
+  """A local TCP port that nothing listens on."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('flags,fragment', [
+    (['--backend', 'ray', '--ray_address', 'localhost:{port}'],
+     'cannot reach the Ray cluster at localhost:{port} ('),
+    (['--gpus_per_run', '1'], 'gpus_per_run 1.0 applies to the ray backend only'),
+    (['--cpus_per_run', '8'], 'cpus_per_run 8.0 applies to the ray backend only'),
+], ids=['unreachable_ray_address', 'local_gpus_per_run', 'local_cpus_per_run'])
+def test_cli_sweep_refuses_bad_backend_options_on_one_line_without_writing(
+    tmp_path, monkeypatch, flags, fragment):
+  # Ray must not be started: ray.init on an unreachable address would retry for ever.
+  monkeypatch.setitem(sys.modules, 'ray', None)
+  port = _closed_port()
+  flags = [f.replace('{port}', str(port)) for f in flags]
+  spec, out = _write_spec(tmp_path), str(tmp_path / 'sweep')
+  for dry_run in (['--dry_run'], []):
+    code, stdout, stderr = _run_cli(['sweep', spec, '--out', out, *flags, *dry_run])
+    assert code == 2 and stdout == '', (dry_run, stdout, stderr)
+    assert stderr.startswith('moerl: error:') and stderr.count('\n') == 1, stderr
+    assert fragment.replace('{port}', str(port)) in stderr, stderr
+  assert not os.path.exists(out)
 
 
 def test_seeds_per_process(tmp_path):

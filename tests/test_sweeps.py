@@ -7,10 +7,13 @@ Execution tests use a tiny fake trainer script (written into tmp_path) in place 
 import io
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import textwrap
 import tomllib
+import types
 
 import pytest
 
@@ -19,7 +22,8 @@ from experiments.run_dir import RunDir, RunDirError
 from experiments.sweeps import SweepError, expand, gin_literal, load_spec, run_sweep
 
 FAKE_TRAINER = textwrap.dedent('''
-    """Mimics `moerl train`: --base_dir, --gin_files, --gin_bindings (repeatable)."""
+    """Mimics `moerl train`: --base_dir, --gin_files, --gin_bindings (repeatable); writes
+    status.json, metrics.jsonl, config.gin and one checkpoint per Runner.num_iterations."""
     import argparse, json, os, sys
     p = argparse.ArgumentParser()
     p.add_argument("--base_dir", required=True)
@@ -40,6 +44,12 @@ FAKE_TRAINER = textwrap.dedent('''
         sys.exit(1)
     with open(os.path.join(a.base_dir, "metrics.jsonl"), "a") as fh:
         fh.write(json.dumps({"iteration": 0, "train_episode_return_mean": 1.0}) + "\\n")
+    with open(os.path.join(a.base_dir, "config.gin"), "w") as fh:
+        fh.write("\\n".join(a.gin_bindings) + "\\n")
+    counts = [int(b.split("=")[1]) for b in a.gin_bindings
+              if b.startswith("Runner.num_iterations")]
+    for i in range(counts[-1] if counts else 1):  # as moerl train: checkpoints/ckpt_<i>
+        os.makedirs(os.path.join(a.base_dir, "checkpoints", f"ckpt_{i}"), exist_ok=True)
     status("done")
 ''')
 
@@ -529,11 +539,218 @@ def test_a_changed_num_iterations_reruns_done_runs_and_nothing_else(gin_dir, fak
         run_sweep(path, out, dry_run=True, stream=io.StringIO())
 
 
+def test_a_lowered_num_iterations_is_refused_before_anything_is_written(gin_dir, fake_trainer,
+                                                                        tmp_path):
+    spec = 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0, 1]\nbindings = ["{b}"]\n'
+    out = tmp_path / "out"
+    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 2"))
+    assert run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO()).ok
+    before = snapshot(out)
+    # Each run holds 2 finished iterations, which `moerl train` would refuse to shrink:
+    # the sweep refuses it up front, in a dry run too, and leaves the manifest alone.
+    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 1"))
+    for dry_run in (True, False):
+        with pytest.raises(SweepError, match=r"holds run 'seed0' with 2 finished iterations, "
+                           r"more than its Runner.num_iterations = 1; bind Runner."
+                           r"num_iterations to 2 or more, or choose another out_dir") as e:
+            run_sweep(path, out, dry_run=dry_run, command_prefix=fake_trainer,
+                      stream=io.StringIO())
+        assert "\n" not in str(e.value)
+        assert snapshot(out) == before
+    # So the sweep at its old size is still done.
+    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 2"))
+    plan = io.StringIO()
+    run_sweep(path, out, dry_run=True, stream=plan)
+    assert plan.getvalue().count("done (skip)") == 2
+
+
+def test_a_lowered_num_iterations_resumes_a_run_that_holds_no_more(gin_dir, fake_trainer,
+                                                                    tmp_path):
+    spec = 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0]\nbindings = ["{b}"]\n'
+    out = tmp_path / "out"
+    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 3"))
+    assert run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO()).ok
+    # Killed after checkpointing iteration 1 of 3: it holds 2, as many as the new count.
+    shutil.rmtree(out / "seed0" / "checkpoints" / "ckpt_2")
+    (out / "seed0" / "status.json").write_text('{"state": "failed", "iteration": 2}')
+    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 2"))
+    result = run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
+    assert [o.name for o in result.done] == ["seed0"]
+    assert [json.loads(line)[0] for line in invocations(out / "seed0")] == [
+        "Runner.num_iterations = 3", "Runner.num_iterations = 2"]
+
+
+def test_finished_iterations_agree_with_the_checkpointer(tmp_path):
+    from experiments.checkpoints import Checkpointer
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    for name in ("ckpt_0", "ckpt_3.old", "ckpt_5.tmp", "other"):
+        (ckpts / name).mkdir(parents=True)
+    (ckpts / "ckpt_9").write_text("a file, not a checkpoint")
+    assert sweeps._finished_iterations(run) == 0  # no config.gin: moerl train starts over
+    (run / "config.gin").write_text("Runner.num_iterations = 4\n")
+    latest = Checkpointer(str(ckpts)).latest_iteration()
+    assert latest == 3 and sweeps._finished_iterations(run) == latest + 1
+    assert sweeps._finished_iterations(tmp_path / "missing") == 0
+
+
+@pytest.mark.parametrize("bindings, count", [
+    (["Runner.num_iterations = 2"], 2),
+    (["Runner.num_iterations = 2", "A.b = 1", "Runner.num_iterations=7"], 7),
+    (["A.b = 1"], None),
+    (["Runner.num_iterations = %ITERS"], None),
+])
+def test_bound_num_iterations_is_the_last_binding(bindings, count):
+    assert sweeps._bound_num_iterations(bindings) == count
+
+
 def test_ray_address_needs_the_ray_backend(gin_dir, tmp_path):
     path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
     with pytest.raises(SweepError, match="needs the ray backend"):
         run_sweep(path, tmp_path / "out", dry_run=True, ray_address="head:6379",
                   stream=io.StringIO())
+
+
+@pytest.mark.parametrize("cpus, gpus, flag", [(8.0, None, "cpus_per_run"),
+                                              (0.5, None, "cpus_per_run"),
+                                              (1.0, None, "cpus_per_run"),
+                                              (None, 1.0, "gpus_per_run"),
+                                              (None, 0.0, "gpus_per_run")])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_ray_resources_need_the_ray_backend(gin_dir, fake_trainer, tmp_path, cpus, gpus, flag,
+                                            dry_run):
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
+    out = tmp_path / "out"
+    with pytest.raises(SweepError, match=rf"^{flag} \S+ applies to the ray backend only "
+                       rf"\(local runs are not limited\); pass --backend ray, or drop "
+                       rf"--{flag}$"):
+        run_sweep(path, out, dry_run=dry_run, cpus_per_run=cpus, gpus_per_run=gpus,
+                  command_prefix=fake_trainer, stream=io.StringIO())
+    assert not out.exists()
+
+
+def test_no_resource_request_is_fine_with_the_local_backend(gin_dir, tmp_path):
+    # None is what `moerl sweep` passes when neither flag is given.
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
+    result = run_sweep(path, tmp_path / "out", dry_run=True, cpus_per_run=None,
+                       gpus_per_run=None, stream=io.StringIO())
+    assert result.dry_run and len(result.runs) == 1
+
+
+def closed_port():
+    """A local TCP port that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeRay(types.ModuleType):
+    """Stands in for the ``ray`` module: records init/shutdown and the task resources, and
+    runs each task at once in this process."""
+
+    def __init__(self, init_error=None):
+        super().__init__("ray")
+        self.init_error, self.calls, self.resources = init_error, [], []
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        if self.init_error is not None:
+            raise self.init_error
+
+    def shutdown(self):
+        self.calls.append(("shutdown", {}))
+
+    def remote(self, **resources):
+        self.resources.append(resources)
+        return lambda fn: types.SimpleNamespace(remote=lambda *a: FakeRef(fn(*a)))
+
+    def wait(self, pending, num_returns):
+        return pending[:num_returns], pending[num_returns:]
+
+    def get(self, ref):
+        return ref.value
+
+
+class FakeRef:
+    """A finished task's object ref (hashable by identity, as Ray's are)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_unreachable_ray_address_is_refused_before_anything_is_written(
+        gin_dir, fake_trainer, tmp_path, monkeypatch, scheme):
+    ray = FakeRay(AssertionError("ray.init must not be called"))
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
+    out = tmp_path / "out"
+    address = f"{scheme}127.0.0.1:{closed_port()}"
+    for dry_run in (True, False):
+        with pytest.raises(SweepError, match=rf"^cannot reach the Ray cluster at "
+                           rf"{re.escape(address)} \(.+\); start it \(ray start --head\) "
+                           rf"or fix --ray_address$"):
+            run_sweep(path, out, dry_run=dry_run, backend="ray", ray_address=address,
+                      command_prefix=fake_trainer, stream=io.StringIO())
+    assert not out.exists() and ray.calls == []
+
+
+@pytest.mark.parametrize("address", ["head", "head:0", "head:65536", "::1:6379", "ray://head",
+                                     ""])
+def test_malformed_ray_address_is_refused(gin_dir, tmp_path, address):
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
+    with pytest.raises(SweepError, match=r"is not 'auto', HOST:PORT or ray://HOST:PORT"):
+        run_sweep(path, tmp_path / "out", dry_run=True, backend="ray", ray_address=address,
+                  stream=io.StringIO())
+
+
+def test_reachable_ray_address_passes_the_check(gin_dir, tmp_path):
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        for address in (f"127.0.0.1:{server.getsockname()[1]}",
+                        f"ray://localhost:{server.getsockname()[1]}"):
+            result = run_sweep(path, tmp_path / "out", dry_run=True, backend="ray",
+                               ray_address=address, stream=io.StringIO())
+            assert result.dry_run and len(result.runs) == 1
+
+
+@pytest.mark.parametrize("address", ["auto", None])
+def test_failing_ray_init_is_a_one_line_sweep_error_and_writes_nothing(
+        gin_dir, fake_trainer, tmp_path, monkeypatch, address):
+    class GcsError(Exception):
+        pass
+    ray = FakeRay(GcsError("no Ray cluster is running\n  more detail"))
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
+    out = tmp_path / "out"
+    with pytest.raises(SweepError, match=rf"^cannot start or reach Ray at {address or 'local'} "
+                       r"\(no Ray cluster is running\); check --ray_address$"):
+        run_sweep(path, out, backend="ray", ray_address=address, command_prefix=fake_trainer,
+                  stream=io.StringIO())
+    assert not out.exists()
+    assert [c[0] for c in ray.calls] == ["init", "shutdown"]
+
+
+def test_ray_tasks_get_one_cpu_and_no_gpu_by_default(gin_dir, fake_trainer, tmp_path,
+                                                     monkeypatch):
+    ray = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0, 1]\n')
+    out = tmp_path / "out"
+    result = run_sweep(path, out, backend="ray", workers=2, command_prefix=fake_trainer,
+                       stream=io.StringIO())
+    assert len(result.done) == 2 and (out / "manifest.json").exists()
+    assert ray.resources == [{"num_cpus": 1.0, "num_gpus": 0.0}]
+    assert ray.calls == [("init", {"num_cpus": 2, "include_dashboard": False,
+                                   "log_to_driver": False}), ("shutdown", {})]
+    run_sweep(path, tmp_path / "out2", backend="ray", cpus_per_run=2, gpus_per_run=0.5,
+              command_prefix=fake_trainer, stream=io.StringIO())
+    assert ray.resources[-1] == {"num_cpus": 2, "num_gpus": 0.5}
 
 
 def test_a_bare_name_finds_a_shipped_spec(tmp_path, monkeypatch):
