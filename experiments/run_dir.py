@@ -208,10 +208,15 @@ class RunDir:
 
   def lock(self) -> None:
     """Takes the (existing) directory for this process until ``unlock`` or the
-    process ends; RunDirError while another process trains in it."""
+    process ends; RunDirError while another process trains in it. Where the
+    filesystem cannot lock a directory (some network filesystems), the run goes
+    on unlocked, as before locks existed."""
     if self._lock_fd is not None:
       return
-    fd = os.open(self.base_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+      fd = os.open(self.base_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+      return
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -219,6 +224,9 @@ class RunDir:
       raise RunDirError(
           f"--base_dir {self.base_dir} is in use: another moerl process is training "
           "in it; wait for it to end (status.json), or use a new --base_dir.") from None
+    except OSError:  # e.g. ENOLCK, EINVAL: no directory locks here
+      os.close(fd)
+      return
     self._lock_fd = fd
 
   def unlock(self) -> None:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -116,27 +118,79 @@ def test_base_dir_that_is_a_file_refused(tmp_path):
     RunDir(str(blocker)).prepare(CONFIG)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="root ignores directory permissions")
-def test_read_only_dir_refused(tmp_path):
-  ro = tmp_path / "ro"
-  ro.mkdir()
-  ro.chmod(0o555)
+NOBODY = 65534
+
+
+def _as_nobody(check) -> int:
+  """Runs ``check()`` (0 on success) in a forked child that dropped root to
+  nobody, since root ignores directory permissions; returns its exit code.
+  The child only runs Python already imported, then leaves with os._exit."""
+  pid = os.fork()
+  if pid == 0:  # pragma: no cover (the child)
+    code = 3
+    try:
+      os.setgroups([])
+      os.setgid(NOBODY)
+      os.setuid(NOBODY)
+      code = check()
+    finally:
+      os._exit(code)  # pylint: disable=protected-access
+  _, status = os.waitpid(pid, 0)
+  return os.waitstatus_to_exitcode(status)
+
+
+def test_read_only_dir_refused():
+  # Under /tmp itself: pytest's own temporary folders are closed to others.
+  parent = tempfile.mkdtemp(prefix="moerl-ro-")
   try:
-    with pytest.raises(RunDirError, match="not writable"):
-      RunDir(str(ro)).prepare(CONFIG)
-    assert os.listdir(ro) == []
+    os.chmod(parent, 0o755)
+    ro = os.path.join(parent, "ro")
+    os.mkdir(ro, 0o555)
+    os.chmod(ro, 0o555)
+
+    def check() -> int:
+      try:
+        RunDir(ro).prepare(CONFIG)
+      except RunDirError as e:
+        return 0 if "not writable" in str(e) else 1
+      return 2  # accepted
+
+    code = _as_nobody(check) if os.geteuid() == 0 else check()
+    assert code == 0, code
+    assert os.listdir(ro) == []  # no config.gin, no temp file
   finally:
-    ro.chmod(0o755)
+    shutil.rmtree(parent)
 
 
 def test_unwritable_dir_refused_when_write_fails(tmp_path, monkeypatch):
-  """Simulates a read-only directory (the test may run as root)."""
+  """A write that fails although the directory looks writable (a full or
+  read-only filesystem) is refused the same way."""
   def refuse(path, data):
     raise PermissionError(13, "Permission denied", path)
   monkeypatch.setattr(run_dir_lib, "atomic_write_bytes", refuse)
   with pytest.raises(RunDirError, match="not writable"):
     RunDir(str(tmp_path)).prepare(CONFIG)
+
+
+def test_one_holder_of_a_run_directory_at_a_time(tmp_path):
+  first, second = RunDir(str(tmp_path)), RunDir(str(tmp_path))
+  first.lock()
+  first.lock()  # taking it again is a no-op
+  with pytest.raises(RunDirError, match="is in use: another moerl process"):
+    second.lock()
+  first.unlock()
+  second.lock()  # free once released
+  second.unlock()
+  assert os.listdir(tmp_path) == []  # the hold writes nothing
+
+
+def test_a_filesystem_without_directory_locks_runs_unlocked(tmp_path, monkeypatch):
+  def no_locks(fd, operation):
+    raise OSError(37, "No locks available")
+  monkeypatch.setattr(run_dir_lib.fcntl, "flock", no_locks)
+  run_dir = RunDir(str(tmp_path))
+  run_dir.lock()  # no error: the run goes on unlocked
+  assert run_dir._lock_fd is None  # pylint: disable=protected-access
 
 
 def test_status_round_trip(tmp_path):
