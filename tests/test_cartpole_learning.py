@@ -6,8 +6,11 @@ default), stopping as soon as the mean evaluation return reaches 150; the
 budget is 10 iterations (50,000 agent steps).
 """
 
+import numpy as np
 import pytest
 
+from agents.dqn_agent import DQNAgent
+from agents.rainbow_agent import RainbowAgent
 from experiments import gin_config
 from experiments.runner import Runner
 
@@ -15,13 +18,23 @@ TARGET_RETURN = 150.0
 MAX_ITERATIONS = 10
 
 
-@pytest.mark.parametrize('config', ['cartpole_dqn_softmoe.gin',
-                                    'cartpole_rainbow_softmoe.gin'])
-def test_softmoe_agent_learns_cartpole(config, tmp_path):
+@pytest.mark.parametrize('config,agent_class', [
+    ('cartpole_dqn_softmoe.gin', DQNAgent),
+    ('cartpole_rainbow_softmoe.gin', RainbowAgent)])
+def test_softmoe_agent_learns_cartpole(config, agent_class, tmp_path):
   gin_config.load([config], ['Runner.training_steps = 5000',
                              "Runner.schedule = 'continuous_train_and_eval'"])
+  # The same agent before any training (same seed, so the same initial
+  # network), evaluated as the phases evaluate: far from the target.
+  untrained = Runner(None)
+  try:
+    initial = float(np.mean(untrained.evaluate_episodes(5)))
+  finally:
+    untrained.close()
+  assert initial < TARGET_RETURN / 2, initial
   runner = Runner(str(tmp_path / 'run'))
   assert runner.seed == 0
+  assert type(runner.agent) is agent_class  # pylint: disable=unidiomatic-typecheck
   assert runner.identity['penultimate'] == 'softmoe'
   history = []
   reached = None
@@ -44,5 +57,6 @@ def test_softmoe_agent_learns_cartpole(config, tmp_path):
   assert reached is not None, (
       f'{config} did not reach a mean evaluation return of {TARGET_RETURN} '
       f'within {MAX_ITERATIONS * 5000} agent steps: {history}')
-  # Learning happened through training, not by luck of the initial network.
+  # Learning happened through training (the untrained agent scored `initial`).
   assert metrics['loss'] is not None
+  print(f'{config}: untrained agent {initial}')

@@ -125,6 +125,15 @@ def test_sigkill_mid_iteration_then_resume(tmp_path):
   assert list(killed_by_iteration) in ([0], [0, 1]), killed_lines
   with open(os.path.join(base_dir, 'status.json'), encoding='utf-8') as f:
     assert json.load(f)['state'] == 'running'  # a SIGKILL leaves no trace
+  # Wherever the kill landed, leave the worst tail one can: the next
+  # iteration logged but not checkpointed, then a torn line. The resume must
+  # drop both and log that iteration once, afresh.
+  with open(metrics_path, 'ab') as f:
+    if latest + 1 not in killed_by_iteration:
+      stale = json.loads(killed_by_iteration[latest])
+      stale.update(iteration=latest + 1, train_episode_return_mean=-12345.0)
+      f.write(json.dumps(stale).encode() + b'\n')
+    f.write(b'{"iteration": ' + str(latest + 2).encode() + b', "lo')
 
   resumed = subprocess.run(_command(base_dir), capture_output=True,
                            cwd=str(tmp_path), env=env, timeout=300)
@@ -136,6 +145,7 @@ def test_sigkill_mid_iteration_then_resume(tmp_path):
   assert data.endswith(b'\n')
   rows = [json.loads(line) for line in data.decode('utf-8').splitlines()]
   assert [r['iteration'] for r in rows] == list(range(NUM_ITERATIONS))
+  assert all(r['train_episode_return_mean'] != -12345.0 for r in rows)
   # The lines of the checkpointed iterations are kept byte for byte, timing
   # keys included (a redone iteration would have new timings); later lines
   # were dropped on resume and logged again.
