@@ -530,7 +530,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   in_main_thread = threading.current_thread() is threading.main_thread()
   previous = (signal.signal(signal.SIGTERM, _raise_terminated)
               if in_main_thread else None)
-  for name in ('base_dir', 'out', 'dir'):  # a '~' the shell left (--base_dir=~/x)
+  for name in ('base_dir', 'out', 'dir', 'spec'):  # a '~' the shell left (--out=~/x)
     if isinstance(getattr(args, name, None), str):
       setattr(args, name, os.path.expanduser(getattr(args, name)))
   try:
