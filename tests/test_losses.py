@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from agents import losses
 from agents.rainbow_agent import c51_loss
@@ -14,6 +15,23 @@ def _project(target_support, target_probs, support):
       jnp.asarray(target_support, jnp.float32),
       jnp.asarray(target_probs, jnp.float32), jnp.asarray(support, jnp.float32))
   return np.asarray(out)
+
+
+def _reference_projection(target_support, target_probs, support):
+  """Bellemare et al. (2017), Algorithm 1, in float64 with plain loops."""
+  v_min, v_max = float(support[0]), float(support[-1])
+  dz = (v_max - v_min) / (len(support) - 1)
+  out = np.zeros((len(target_support), len(support)))
+  for i, (atoms, probs) in enumerate(zip(target_support, target_probs)):
+    for tz, p in zip(atoms, probs):
+      b = (min(max(float(tz), v_min), v_max) - v_min) / dz
+      l, u = int(np.floor(b)), int(np.ceil(b))
+      if l == u:
+        out[i, l] += p
+      else:
+        out[i, l] += p * (u - b)
+        out[i, u] += p * (b - l)
+  return out
 
 
 # -- categorical_projection ----------------------------------------------------
@@ -32,6 +50,42 @@ def test_projection_conserves_mass_on_random_inputs():
   assert out.shape == (batch, 51)
   assert np.all(out >= -1e-7)
   np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
+
+
+def test_reference_projection_matches_the_hand_computed_general_case():
+  support = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+  probs = np.array([[0.1, 0.2, 0.3, 0.25, 0.15]])
+  np.testing.assert_allclose(
+      _reference_projection(0.5 + 0.5 * support[None], probs, support),
+      [[0.0, 0.05, 0.4, 0.475, 0.075]], atol=1e-12)
+
+
+@pytest.mark.parametrize('v_min,v_max,num_atoms', [(-10.0, 10.0, 51), (-3.0, 7.0, 11)])
+def test_projection_matches_reference_on_random_inputs(v_min, v_max, num_atoms):
+  rng = np.random.default_rng(num_atoms)
+  support = np.linspace(v_min, v_max, num_atoms)
+  dz = support[1] - support[0]
+  discounts = np.repeat([0.0, 0.5, 0.99, 1.0], 6)[:, None]
+  batch = discounts.shape[0]
+  # Rewards from well below v_min to well above v_max, a few exactly on an atom.
+  rewards = rng.uniform(2 * v_min - v_max, 2 * v_max - v_min, size=(batch, 1))
+  rewards[::5] = v_min + dz * rng.integers(0, num_atoms, size=(len(rewards[::5]), 1))
+  target_support = rewards + discounts * support[None, :]
+  assert np.any(target_support < v_min) and np.any(target_support > v_max)
+  probs = rng.dirichlet(np.ones(num_atoms), size=batch)
+  out = _project(target_support, probs, support)
+  np.testing.assert_allclose(out, _reference_projection(target_support, probs, support),
+                             atol=1e-5)
+
+
+def test_projection_matches_reference_with_a_different_number_of_target_atoms():
+  rng = np.random.default_rng(4)
+  support = np.linspace(-1.0, 1.0, 5)
+  target_support = rng.uniform(-1.5, 1.5, size=(6, 7))
+  probs = rng.dirichlet(np.ones(7), size=6)
+  np.testing.assert_allclose(_project(target_support, probs, support),
+                             _reference_projection(target_support, probs, support),
+                             atol=1e-5)
 
 
 def test_projection_conserves_mass_with_a_different_number_of_target_atoms():

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from agents import sum_tree as sum_tree_lib
 
@@ -70,19 +71,57 @@ def test_find_prefix_sum_with_float_values(capacity):
   assert np.all(values[found] > 0)
 
 
-def test_sample_is_stratified_and_proportional():
+def _leaf_intervals(values):
+  """[start, end) of each leaf's share of the total mass."""
+  ends = np.cumsum(values)
+  return ends - values, ends
+
+
+def test_sample_is_proportional_chi_square():
   rng = np.random.default_rng(1)
   tree = sum_tree_lib.SumTree(10)
-  tree.set(np.arange(10), np.arange(10, dtype=float))  # Leaf 0 has priority 0.
+  values = np.arange(10, dtype=float)  # Leaf 0 has priority 0.
+  tree.set(np.arange(10), values)
   tree.check_valid()
   counts = np.zeros(10)
-  for _ in range(2000):
+  for _ in range(4000):
     batch = tree.sample(rng, 5)
     assert batch.shape == (5,)
-    assert np.all(np.diff(batch) >= 0)  # One target per increasing segment.
     np.add.at(counts, batch, 1)
   assert counts[0] == 0
-  np.testing.assert_allclose(counts / counts.sum(), np.arange(10) / 45, atol=0.01)
+  expected = counts.sum() * values[1:] / values.sum()
+  # Stratification only lowers the variance, so the multinomial test is conservative.
+  assert stats.chisquare(counts[1:], expected).pvalue > 1e-3
+
+
+@pytest.mark.parametrize('batch_size', [1, 5, 7, 16])
+def test_sample_draw_j_lands_in_the_jth_equal_slice_of_the_mass(batch_size):
+  rng = np.random.default_rng(batch_size)
+  values = np.array([0.5, 3.0, 0.0, 1.25, 7.0, 0.0, 0.2, 2.0, 4.5, 0.05, 1.5])
+  tree = sum_tree_lib.SumTree(values.size)
+  tree.set(np.arange(values.size), values)
+  tree.check_valid()
+  starts, ends = _leaf_intervals(values)
+  total = values.sum()
+  slice_starts = np.arange(batch_size) * total / batch_size
+  slice_ends = (np.arange(batch_size) + 1) * total / batch_size
+  eps = 1e-9 * total  # Float rounding of the slice edges only.
+  counts = np.zeros((batch_size, values.size))
+  for _ in range(3000):
+    batch = tree.sample(rng, batch_size)
+    assert batch.shape == (batch_size,)
+    overlaps = (starts[batch] < slice_ends + eps) & (ends[batch] > slice_starts - eps)
+    assert np.all(overlaps), (batch, np.flatnonzero(~overlaps))
+    counts[np.arange(batch_size), batch] += 1
+  assert np.all(counts[:, values == 0] == 0)
+  # Within slice j a draw is proportional to the mass each leaf has inside the slice.
+  for j in range(batch_size):
+    inside = np.clip(np.minimum(ends, slice_ends[j]) - np.maximum(starts, slice_starts[j]),
+                     0.0, None)
+    assert np.all(counts[j, inside == 0] == 0)
+    if np.count_nonzero(inside) > 1:
+      expected = counts[j].sum() * inside[inside > 0] / inside.sum()
+      assert stats.chisquare(counts[j, inside > 0], expected).pvalue > 1e-3, j
 
 
 def test_state_dict_round_trip_and_errors():
