@@ -395,20 +395,89 @@ def test_rainbow_new_records_take_the_max_priority_of_the_last_step():
                              priorities[1:], rtol=1e-6)
 
 
+def _c51_projection(target_support, probs, support):
+  """Bellemare et al. (2017), Algorithm 1, atom by atom in float64: each
+  clipped target atom's mass goes to its two neighbouring support atoms in
+  proportion to proximity (all of it to an atom it lands on)."""
+  v_min, v_max = support[0], support[-1]
+  dz = (v_max - v_min) / (len(support) - 1)
+  out = np.zeros((target_support.shape[0], len(support)))
+  for i, j in np.ndindex(*target_support.shape):
+    b = (np.clip(target_support[i, j], v_min, v_max) - v_min) / dz
+    lo, hi = int(np.floor(b)), int(np.ceil(b))
+    if lo == hi:
+      out[i, lo] += probs[i, j]
+    else:
+      out[i, lo] += probs[i, j] * (hi - b)
+      out[i, hi] += probs[i, j] * (b - lo)
+  return out
+
+
+def _log_softmax(logits):
+  z = logits - logits.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_the_tests_c51_projection_matches_a_hand_worked_case():
+  # Support -1, 0, 1: 0.5 splits its 0.2 evenly between 0 and 1; 2.0 is
+  # clipped to 1 and lands on it; -0.25 gives a quarter of its 0.5 to -1 and
+  # three quarters to 0; 0.0 lands on 0.
+  out = _c51_projection(np.array([[0.5, 2.0, -0.25], [0.0, -3.0, 1.0]]),
+                        np.array([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]]),
+                        np.array([-1.0, 0.0, 1.0]))
+  np.testing.assert_allclose(out, [[0.125, 0.475, 0.4], [0.3, 0.6, 0.1]],
+                             atol=1e-12)
+
+
 def test_rainbow_train_step_prioritized_metrics():
-  agent = _make_agent(cls=RainbowAgent, num_atoms=11)
-  batch = _random_batch(np.random.default_rng(6), prioritized=True)
-  _, metrics = agent.train_step(_copy(agent.state), batch)
+  """Priorities sqrt(ce + 1e-10) and the importance-weighted TD loss, from a
+  C51 cross-entropy computed here from the network's logits."""
+  # Noise off, so the forward passes here are the train step's; double DQN on
+  # (the default) with target params unlike the online ones, so that which
+  # network picks the bootstrap action matters.
+  agent = _make_agent(cls=RainbowAgent, num_atoms=11, noisy=False)
+  rng = np.random.default_rng(6)
+  batch = _random_batch(rng, prioritized=True)
+  batch['r_t'][:2], batch['discount_t'][:2] = 0.0, 0.0  # all mass on the atom at 0
+  batch['r_t'][2] = 5.0  # target atoms far beyond v_max: clipped
+  online = _copy(agent.state.online_params)
+  target = _copy(_make_agent(cls=RainbowAgent, num_atoms=11, noisy=False,
+                             seed=3).state.online_params)  # another init
+  state = agent.state.replace(target_params=_copy(target))
+  _, metrics = agent.train_step(_copy(state), batch)
+
+  support = np.linspace(-10.0, 10.0, 11)
+  logits = lambda params, obs: np.asarray(
+      agent.network.apply({'params': params}, obs).logits, np.float64)
+  rows = np.arange(8)
+  log_p_tm1 = _log_softmax(logits(online, batch['obs_tm1'])[rows, batch['a_tm1']])
+  probs_t = np.exp(_log_softmax(logits(target, batch['obs_t'])))  # [B, A, N]
+  online_q_t = (np.exp(_log_softmax(logits(online, batch['obs_t']))) * support).sum(-1)
+  target_q_t = (probs_t * support).sum(-1)
+
+  def cross_entropy(a_t):
+    target_support = (batch['r_t'][:, None].astype(np.float64)
+                      + batch['discount_t'][:, None] * support[None])
+    projected = _c51_projection(target_support, probs_t[rows, a_t], support)
+    np.testing.assert_allclose(projected.sum(-1), 1.0, rtol=1e-9)
+    return -(projected * log_p_tm1).sum(-1)  # [B]
+
+  ce = cross_entropy(online_q_t.argmax(-1))  # double DQN: the online net picks
+  # The choice matters here: the target net's own argmax gives other losses.
+  changed = online_q_t.argmax(-1) != target_q_t.argmax(-1)
+  assert changed.any()
+  assert not np.allclose(cross_entropy(target_q_t.argmax(-1))[changed],
+                         ce[changed], rtol=1e-3)
+
   priorities = np.asarray(metrics['priorities'])
   assert priorities.shape == (8,)
-  assert np.all(priorities > 0)
-  # Importance-weighted mean (weights normalised by their max) is at most the
-  # plain mean of per-sample losses priorities**2.
-  per_sample = priorities ** 2 - 1e-10
-  weights = 1 / np.sqrt(batch['sampling_probabilities'])
+  np.testing.assert_allclose(priorities, np.sqrt(ce + 1e-10), rtol=1e-5)
+  weights = 1 / np.sqrt(batch['sampling_probabilities'].astype(np.float64))
   weights /= weights.max()
-  np.testing.assert_allclose(float(metrics['td_loss']),
-                             np.mean(weights * per_sample), rtol=1e-4)
+  want = np.mean(weights * ce)
+  assert not np.isclose(want, ce.mean(), rtol=1e-2)  # the weights matter here
+  np.testing.assert_allclose(float(metrics['td_loss']), want, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['loss']), want, rtol=1e-5)
 
 
 def test_noisy_nets_are_deterministic_in_eval_and_noisy_in_training():
@@ -500,11 +569,17 @@ def test_single_env_dopamine_interface_trains():
 # -- Async acting and the phase-local update schedule ------------------------------
 
 
+def _assert_acting_has_its_own_device(devices):
+  """`agents` asks JAX for two host devices on import: unconditional, so a
+  broken device setup fails these tests instead of making them trivial."""
+  assert len(jax.devices('cpu')) == devices.HOST_DEVICES
+  assert devices.acting_device() != devices.learner_device()
+
+
 def test_async_acting_acts_on_its_own_device_one_learner_call_stale():
   from agents import devices  # pylint: disable=g-import-not-at-top
+  _assert_acting_has_its_own_device(devices)
   agent = _make_agent(async_acting=True, min_replay_history=16, update_period=4)
-  if len(jax.devices('cpu')) > 1:  # agents asks for two host devices on import
-    assert devices.acting_device() != devices.learner_device()
   rng = np.random.default_rng(4)
   _fill_replay(agent, 16, rng)
   agent.start_phase(eval_mode=False)
@@ -513,6 +588,8 @@ def test_async_acting_acts_on_its_own_device_one_learner_call_stale():
   assert agent._acting_params is not None
   leaf = jax.tree_util.tree_leaves(agent._acting_params)[0]
   assert leaf.devices() == {devices.acting_device()}
+  learner_leaf = jax.tree_util.tree_leaves(agent.state.online_params)[0]
+  assert learner_leaf.devices() == {devices.learner_device()}
   before = _copy(agent.state.online_params)
   _fill_replay(agent, 4, rng)  # one gradient step is due and dispatched
   assert int(agent.state.step) == 1
@@ -535,6 +612,7 @@ def test_async_acting_acts_on_its_own_device_one_learner_call_stale():
 
 def test_pipeline_starts_the_next_update_and_acts_with_the_due_ones_params():
   from agents import devices  # pylint: disable=g-import-not-at-top
+  _assert_acting_has_its_own_device(devices)
   agent = _make_agent(min_replay_history=16, update_period=4, replay_capacity=4000,
                       pipeline_updates=True)
   assert agent.pipeline_updates and agent.overlaps_learner
@@ -553,6 +631,8 @@ def test_pipeline_starts_the_next_update_and_acts_with_the_due_ones_params():
   assert _leaves_equal(agent._acting_params, agent.state.online_params)
   leaf = jax.tree_util.tree_leaves(agent._acting_params)[0]
   assert leaf.devices() == {devices.acting_device()}
+  learner_leaf = jax.tree_util.tree_leaves(agent.state.online_params)[0]
+  assert learner_leaf.devices() == {devices.learner_device()}
   # Three records later nothing is due yet; the fourth takes the started step.
   _fill_replay(agent, 3, rng)
   assert agent._lookahead is lookahead

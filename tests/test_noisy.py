@@ -61,6 +61,24 @@ def test_noisy_experts_draw_factorised_noise_per_expert_shared_across_rows():
   np.testing.assert_allclose(det, plain, rtol=1e-6)
 
 
+def _zero_sigmas(params, module):
+  """`params` with every noise scale (sigma) of `module` set to zero."""
+  def zero(path, x):
+    keys = [str(k.key) for k in path]
+    if keys[0] == module and any('sigma' in k for k in keys):
+      return jnp.zeros_like(x)
+    return x
+  zeroed = jax.tree_util.tree_map_with_path(zero, params)
+  assert not _leaves_equal(zeroed, params)  # there were sigmas to zero
+  return zeroed
+
+
+def _leaves_equal(a, b) -> bool:
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree_util.tree_leaves(a),
+                             jax.tree_util.tree_leaves(b)))
+
+
 @pytest.mark.parametrize('penultimate', ['dense', 'softmoe', 'topk', 'expert_choice',
                                          'token_mlp'])
 def test_noisy_network_penultimate_is_noisy_in_training_only(penultimate):
@@ -72,13 +90,33 @@ def test_noisy_network_penultimate_is_noisy_in_training_only(penultimate):
   names = ['/'.join(str(k.key) for k in path)
            for path, _ in jax.tree_util.tree_leaves_with_path(params['penultimate'])]
   assert any('sigma' in n for n in names), names
-  # The head's noise off, the penultimate's on: its own noise moves the Q-values.
-  def q(key, deterministic):
-    return np.asarray(net.apply({'params': params}, obs, deterministic=deterministic,
-                                rngs={'noise': jax.random.PRNGKey(key)}).q_values)
-  np.testing.assert_array_equal(q(1, True), q(2, True))
-  assert not np.allclose(q(1, False), q(2, False))
-  np.testing.assert_array_equal(q(3, False), q(3, False))
+  # The head is noisy too, so Q-values that vary with the noise key prove
+  # nothing about the penultimate: look at its own output (the features).
+  def run(params, key, deterministic):
+    out = net.apply({'params': params}, obs, deterministic=deterministic,
+                    rngs={'noise': jax.random.PRNGKey(key)})
+    return np.asarray(out.features), np.asarray(out.q_values)
+
+  assert not np.allclose(run(params, 1, False)[0], run(params, 2, False)[0])
+  np.testing.assert_array_equal(run(params, 1, True)[0], run(params, 2, True)[0])
+  np.testing.assert_array_equal(run(params, 1, True)[1], run(params, 2, True)[1])
+  np.testing.assert_array_equal(run(params, 3, False)[0], run(params, 3, False)[0])
+  # The head's noise off (its sigmas zero), the penultimate's on: its own
+  # noise moves the Q-values.
+  quiet_head = _zero_sigmas(params, 'head')
+  assert not np.allclose(run(quiet_head, 1, False)[1], run(quiet_head, 2, False)[1])
+  # Control: the penultimate's sigmas zero as well, nothing moves any more, so
+  # the variation above came from those sigmas and the noise they scale.
+  quiet = _zero_sigmas(quiet_head, 'penultimate')
+  for i in (0, 1):
+    np.testing.assert_array_equal(run(quiet, 1, False)[i], run(quiet, 2, False)[i])
+  # The penultimate's sigmas alone zero: its features stop moving, while the
+  # head's noise still moves the Q-values.
+  quiet_penultimate = _zero_sigmas(params, 'penultimate')
+  np.testing.assert_array_equal(run(quiet_penultimate, 1, False)[0],
+                                run(quiet_penultimate, 2, False)[0])
+  assert not np.allclose(run(quiet_penultimate, 1, False)[1],
+                         run(quiet_penultimate, 2, False)[1])
 
 
 def test_rainbow_dense_baseline_has_dopamines_noisy_hidden_layer():
