@@ -512,16 +512,24 @@ def test_resource_requests_must_be_finite_and_non_negative(gin_dir, tmp_path, cp
     assert not (tmp_path / "out").exists()
 
 
+def finished_sweep(gin_dir, fake_trainer, out, seeds, num_iterations):
+    """A done sweep of `seeds` at `num_iterations`, and a function that rewrites its
+    spec with another single binding (returning the spec's path)."""
+    spec = f'name = "x"\ngin_files = ["a.gin"]\nseeds = {seeds}\nbindings = ["{{b}}"]\n'
+    respec = lambda binding: write(gin_dir / "s.toml", spec.format(b=binding))
+    path = respec(f"Runner.num_iterations = {num_iterations}")
+    assert run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO()).ok
+    return respec
+
+
 def test_a_changed_num_iterations_reruns_done_runs_and_nothing_else(gin_dir, fake_trainer,
                                                                       tmp_path):
-    spec = 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0, 1]\nbindings = ["{b}"]\n'
     out = tmp_path / "out"
-    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 2"))
-    assert run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO()).ok
+    respec = finished_sweep(gin_dir, fake_trainer, out, [0, 1], 2)
     runs = sorted(p.parent for p in out.rglob("invocations.txt"))
     # A larger Runner.num_iterations is the same sweep: each done run is run again (moerl
     # train resumes and extends it) ...
-    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 5"))
+    path = respec("Runner.num_iterations = 5")
     plan = io.StringIO()
     run_sweep(path, out, dry_run=True, stream=plan)
     assert plan.getvalue().count("done, num_iterations changed") == 2
@@ -534,21 +542,19 @@ def test_a_changed_num_iterations_reruns_done_runs_and_nothing_else(gin_dir, fak
     again = run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
     assert len(again.skipped) == 2 and not again.done
     # Any other binding still makes it another sweep.
-    path = write(gin_dir / "s.toml", spec.format(b="Runner.training_steps = 5"))
+    path = respec("Runner.training_steps = 5")
     with pytest.raises(SweepError, match="other gin files or bindings"):
         run_sweep(path, out, dry_run=True, stream=io.StringIO())
 
 
 def test_a_lowered_num_iterations_is_refused_before_anything_is_written(gin_dir, fake_trainer,
                                                                         tmp_path):
-    spec = 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0, 1]\nbindings = ["{b}"]\n'
     out = tmp_path / "out"
-    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 2"))
-    assert run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO()).ok
+    respec = finished_sweep(gin_dir, fake_trainer, out, [0, 1], 2)
     before = snapshot(out)
     # Each run holds 2 finished iterations, which `moerl train` would refuse to shrink:
     # the sweep refuses it up front, in a dry run too, and leaves the manifest alone.
-    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 1"))
+    path = respec("Runner.num_iterations = 1")
     for dry_run in (True, False):
         with pytest.raises(SweepError, match=r"holds run 'seed0' with 2 finished iterations, "
                            r"more than its Runner.num_iterations = 1; bind Runner."
@@ -558,7 +564,7 @@ def test_a_lowered_num_iterations_is_refused_before_anything_is_written(gin_dir,
         assert "\n" not in str(e.value)
         assert snapshot(out) == before
     # So the sweep at its old size is still done.
-    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 2"))
+    path = respec("Runner.num_iterations = 2")
     plan = io.StringIO()
     run_sweep(path, out, dry_run=True, stream=plan)
     assert plan.getvalue().count("done (skip)") == 2
@@ -566,14 +572,12 @@ def test_a_lowered_num_iterations_is_refused_before_anything_is_written(gin_dir,
 
 def test_a_lowered_num_iterations_resumes_a_run_that_holds_no_more(gin_dir, fake_trainer,
                                                                     tmp_path):
-    spec = 'name = "x"\ngin_files = ["a.gin"]\nseeds = [0]\nbindings = ["{b}"]\n'
     out = tmp_path / "out"
-    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 3"))
-    assert run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO()).ok
+    respec = finished_sweep(gin_dir, fake_trainer, out, [0], 3)
     # Killed after checkpointing iteration 1 of 3: it holds 2, as many as the new count.
     shutil.rmtree(out / "seed0" / "checkpoints" / "ckpt_2")
     (out / "seed0" / "status.json").write_text('{"state": "failed", "iteration": 2}')
-    path = write(gin_dir / "s.toml", spec.format(b="Runner.num_iterations = 2"))
+    path = respec("Runner.num_iterations = 2")
     result = run_sweep(path, out, command_prefix=fake_trainer, stream=io.StringIO())
     assert [o.name for o in result.done] == ["seed0"]
     assert [json.loads(line)[0] for line in invocations(out / "seed0")] == [
