@@ -206,13 +206,30 @@ class RunDir:
     self.base_dir = os.path.abspath(os.path.expanduser(os.fspath(base_dir)))
     self._lock_fd: int | None = None
 
+  def _ensure_dir(self) -> None:
+    """Creates ``base_dir`` if missing; RunDirError if it is a file or cannot be
+    created."""
+    base = self.base_dir
+    if os.path.exists(base) and not os.path.isdir(base):
+      raise RunDirError(
+          f"--base_dir {base} is a file, not a directory; "
+          "pass a directory path for --base_dir.")
+    try:
+      os.makedirs(base, exist_ok=True)
+    except OSError as e:
+      raise RunDirError(
+          f"--base_dir {base} cannot be created ({e.strerror}); "
+          "choose a --base_dir in a writable location.") from None
+
   def lock(self) -> None:
-    """Takes the (existing) directory for this process until ``unlock`` or the
-    process ends; RunDirError while another process trains in it. Where the
-    filesystem cannot lock a directory (some network filesystems), the run goes
-    on unlocked, as before locks existed."""
+    """Takes the directory (created if missing) for this process until
+    ``unlock`` or the process ends; RunDirError while another process trains
+    in it. Taken before ``prepare`` reads or writes it, so that two commands
+    started together never both judge it. Where the filesystem cannot lock a
+    directory (some network filesystems), the run goes on unlocked."""
     if self._lock_fd is not None:
       return
+    self._ensure_dir()
     try:
       fd = os.open(self.base_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
@@ -275,12 +292,10 @@ class RunDir:
     is False.
     """
     base = self.base_dir
-    if os.path.exists(base) and not os.path.isdir(base):
-      raise RunDirError(
-          f"--base_dir {base} is a file, not a directory; "
-          "pass a directory path for --base_dir.")
     resume = False
-    if os.path.isdir(base):
+    if not os.path.isdir(base):
+      self._ensure_dir()  # a file there, or not creatable: RunDirError
+    else:
       try:
         entries = os.listdir(base)
       except OSError as e:
@@ -314,13 +329,6 @@ class RunDir:
               f"--base_dir {base} already holds a run and resuming is disabled; "
               "use a new --base_dir or allow resuming.")
         resume = True
-    else:
-      try:
-        os.makedirs(base, exist_ok=True)
-      except OSError as e:
-        raise RunDirError(
-            f"--base_dir {base} cannot be created ({e.strerror}); "
-            "choose a --base_dir in a writable location.") from None
     if resume:
       check_output_files(self.config_path)  # written once the resume is sure
     else:

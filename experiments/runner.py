@@ -19,6 +19,7 @@ the training steps actually taken, episode overruns included.
 """
 
 import contextlib
+import os
 import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -304,15 +305,28 @@ class Runner:
     Returns the next iteration to run (the newest checkpoint's + 1, or 0).
     With `restore=False` the agent is left as built, for a caller that picks
     the checkpoint itself (a SeedGroup resumes its seeds from a common one).
-    Bad input (a foreign or different-config base_dir, a corrupt checkpoint,
-    logged iterations whose checkpoints are gone, a damaged metrics.jsonl
-    line) raises RunDirError before
-    anything on disk changes: a resumed run's config.gin (which may differ in
-    Runner.num_iterations) is rewritten by `start_logging`.
+    Bad input (a base_dir another process trains in, a foreign or
+    different-config base_dir, a corrupt checkpoint, logged iterations whose
+    checkpoints are gone, a damaged metrics.jsonl line) raises RunDirError
+    before anything on disk changes: a resumed run's config.gin (which may
+    differ in Runner.num_iterations) is rewritten by `start_logging`.
     """
-    self._run_dir = RunDir(self.base_dir)
+    self.lock_run_dir()  # released by end_run or close, or below on refusal
+    try:
+      return self._open_locked_run(operative_config, restore)
+    except BaseException:
+      self._run_dir.unlock()
+      raise
+
+  def lock_run_dir(self) -> None:
+    """Holds base_dir (created if missing) for this process; RunDirError while
+    another process trains in it. A SeedGroup takes every seed's first."""
+    if self._run_dir is None:
+      self._run_dir = RunDir(self.base_dir)
+    self._run_dir.lock()
+
+  def _open_locked_run(self, operative_config: str, restore: bool) -> int:
     resume = self._run_dir.prepare(operative_config)
-    self._run_dir.lock()  # released by end_run or close
     self._operative_config = operative_config
     self._checkpointer = Checkpointer(self._run_dir.checkpoint_dir)
     latest = self._checkpointer.latest_iteration() if resume else None
@@ -326,8 +340,11 @@ class Runner:
     # logged iteration past its checkpoint, which the resume drops; more means
     # checkpoints were removed, and resuming would drop logged results.
     # Read strictly: a damaged line is refused here, before any write (the
-    # resume's truncate_metrics would refuse it only after config.gin).
-    records = read_metrics(self._run_dir.metrics_path) if resume else []
+    # resume's truncate_metrics would refuse it only after config.gin). A run
+    # stopped before its first iteration was logged has no metrics.jsonl yet.
+    records = []
+    if resume and os.path.exists(self._run_dir.metrics_path):
+      records = read_metrics(self._run_dir.metrics_path)
     logged = max((r['iteration'] for r in records if is_int(r.get('iteration'))),
                  default=-1)
     if logged > start:
@@ -386,6 +403,7 @@ class Runner:
     if iteration == self.num_iterations:
       self._run_dir.write_config(self._operative_config)
       self._run_dir.write_status('done', iteration)
+      self._run_dir.unlock()
       print(f'{self.base_dir}: all {iteration} iterations are done; nothing to '
             'train (a larger Runner.num_iterations extends the run).',
             file=self._log_stream, flush=True)

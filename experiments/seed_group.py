@@ -216,6 +216,10 @@ class SeedGroup:
     # A group killed between two seeds' checkpoints has seeds one iteration
     # ahead: every seed resumes from the newest checkpoint they all have (or
     # starts afresh); an ahead seed's newer line and checkpoint are replaced.
+    # Every seed's directory is held before any seed's is read or written, so
+    # a group refused for one seed (another process trains in it) writes none.
+    for runner in self.runners:
+      runner.lock_run_dir()
     starts = [runner.open_run(config, restore=False)
               for runner, config in zip(self.runners, operative_configs)]
     iteration = min(starts)

@@ -309,6 +309,24 @@ def test_refuses_a_damaged_metrics_line_before_writing(cartpole_runs, tmp_path):
     assert _snapshot(base_dir) == before
 
 
+def test_a_group_refused_for_one_held_seed_writes_nothing(tmp_path):
+  group = tmp_path / 'group'
+  held = group / 'seed1'
+  held.mkdir(parents=True)
+  holder = subprocess.Popen(  # a live lone run of seed 1, as far as locks go
+      [sys.executable, '-c', 'import sys\nfrom experiments.run_dir import RunDir\n'
+       'RunDir(sys.argv[1]).lock()\nprint("locked", flush=True)\nsys.stdin.read()',
+       str(held)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    code, _, err = _run_cli(['train', '--base_dir', str(group)] + CARTPOLE_ARGS +
+                            ['--num_seeds', '2'])
+    _assert_usage_error(code, err, str(held), 'is in use')
+  finally:
+    holder.communicate('')
+  assert _snapshot(str(group)) == {}  # no config.gin for seed0 either
+
+
 def test_num_seeds_refuses_a_lone_runs_directory(cartpole_runs, tmp_path):
   base_dir = _copy_run(cartpole_runs[0], tmp_path)
   before = _snapshot(base_dir)
@@ -378,6 +396,38 @@ def test_a_run_directory_in_use_by_another_process_is_refused(cartpole_runs,
     holder.communicate('')  # it exits, and the kernel drops its lock
   code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS)
   assert code == 0 and 'nothing to train' in err, err
+
+
+def test_a_run_stopped_before_its_first_iteration_was_logged_resumes(cartpole_runs,
+                                                                     tmp_path):
+  # What a kill in iteration 0 leaves: config.gin and status.json, nothing else.
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  for name in os.listdir(base_dir):
+    if name not in ('config.gin', 'status.json'):
+      path = os.path.join(base_dir, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  code, _, err = _run_cli(['train', '--base_dir', base_dir] + CARTPOLE_ARGS)
+  assert code == 0, err
+  assert [r['iteration'] for r in _read_metrics(base_dir)] == [0, 1]
+  assert (_read_metrics(base_dir)[1]['loss'] ==
+          _read_metrics(cartpole_runs[0])[1]['loss'])  # the same run, from the start
+
+
+def test_a_finished_runs_directory_is_free_once_run_experiment_returns(cartpole_runs,
+                                                                      tmp_path):
+  import gin  # pylint: disable=import-outside-toplevel
+  from experiments.run_dir import RunDir  # pylint: disable=import-outside-toplevel
+  from experiments.runner import Runner  # pylint: disable=import-outside-toplevel
+  base_dir = _copy_run(cartpole_runs[0], tmp_path)
+  gin_config.load(['cartpole_dqn.gin'], CARTPOLE_ARGS[3::2])
+  runner = Runner(base_dir)
+  try:
+    runner.run_experiment(gin.operative_config_str())  # nothing to train
+    other = RunDir(base_dir)
+    other.lock()  # not refused: the runner let go although it is still open
+    other.unlock()
+  finally:
+    runner.close()
 
 
 def test_eval_refuses_an_eval_json_directory_before_playing(cartpole_runs,
@@ -494,9 +544,14 @@ def test_fewer_iterations_than_a_run_holds_is_refused(cartpole_runs, tmp_path):
       'DQNAgent.gamma = 1.5'], ['DQNAgent.gamma=1.5', '[0, 1]']),
     (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
       "create_optimizer.learning_rate = '1e-3'"],
-     ["create_optimizer.learning_rate='1e-3' must be a number"]),
+     ["create_optimizer.learning_rate='1e-3' must be a finite number"]),
     (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
       'MLPEncoder.hidden_units = 512'], ['MLPEncoder.hidden_units=512', '(512,)']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      'create_optimizer.learning_rate = 1e400'],
+     ['create_optimizer.learning_rate=inf', 'finite']),
+    (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
+      'create_optimizer.beta1 = 2.0'], ['create_optimizer.beta1=2.0', 'in [0, 1)']),
     (['--gin_files', 'cartpole_dqn.gin', '--gin_bindings',
       "create_optimizer.learning_rate = float('nan')"],
      ['bad gin config', 'must be a literal', 'not a Python expression']),
@@ -506,7 +561,8 @@ def test_fewer_iterations_than_a_run_holds_is_refused(cartpole_runs, tmp_path):
         'dqn_binding_on_rainbow', 'huge_seed', 'missing_gin_import',
         'replay_beyond_memory', 'flag_not_a_bool', 'negative_learning_rate',
         'unclosed_bracket', 'epsilon_above_1', 'epsilon_below_0', 'gamma_above_1',
-        'learning_rate_a_string', 'hidden_units_not_a_tuple', 'value_not_a_literal'])
+        'learning_rate_a_string', 'hidden_units_not_a_tuple', 'learning_rate_inf',
+        'beta1_above_1', 'value_not_a_literal'])
 def test_bad_train_input_is_refused_without_writing(argv, fragments, tmp_path,
                                                     cartpole_runs):
   # A fresh base_dir is not even created ...
@@ -536,6 +592,14 @@ def test_bad_gin_files_are_named_on_one_line(tmp_path):
     assert not os.path.exists(fresh)
     code, _, err = _run_cli(['params', '--gin_files', str(path)])
     _assert_usage_error(code, err, *fragments)
+
+
+def test_an_include_loop_names_each_file_once(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # where the relative includes are found
+  (tmp_path / 'a.gin').write_text("include 'b.gin'\n")
+  (tmp_path / 'b.gin').write_text("include 'a.gin'\n")
+  code, _, err = _run_cli(['params', '--gin_files', str(tmp_path / 'a.gin')])
+  _assert_usage_error(code, err, f'the includes of {tmp_path / "a.gin"}, b.gin form a loop')
 
 
 def test_eval_refuses_a_dir_without_a_run(tmp_path):
