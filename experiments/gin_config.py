@@ -109,7 +109,12 @@ def load(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:
     raise GinConfigError(f'bad gin config: {e.args[0]} (an unclosed bracket '
                          'or quote?)') from None
   except RecursionError as e:  # gin adds an 'In file' line per include level
-    files = list(dict.fromkeys(reversed(re.findall(r'In file "([^"]+)"', str(e)))))
+    # Outermost first, each file once (an include may name a file by a
+    # relative path that the command line named by an absolute one).
+    files = {}
+    for f in reversed(re.findall(r'In file "([^"]+)"', str(e))):
+      files.setdefault(os.path.basename(f), f)
+    files = list(files.values())
     raise GinConfigError('bad gin config: the includes of '
                          f'{", ".join(files) or "the gin files"} form a loop; remove '
                          'the include that leads back') from None
@@ -120,7 +125,8 @@ def load(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> None:
 
 
 def validate_binding(binding: str) -> None:
-  """Raises ValueError if a single binding names an unknown parameter.
+  """Raises ValueError if a single binding names an unknown parameter or its
+  value is not one gin can parse.
 
   Parses the binding into an empty gin config and clears it again.
   """

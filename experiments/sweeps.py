@@ -92,7 +92,8 @@ client server, e.g. ``ray://head:10001``) or another ``scheme://`` address Ray t
 (passed on unchecked); other addresses are refused. For ``HOST:PORT`` and
 ``ray://HOST:PORT``, a sweep with runs to start checks, before anything is written (in a
 dry run too), that a TCP connection to HOST:PORT succeeds within ``RAY_CONNECT_TIMEOUT_S``
-seconds: Ray itself would retry an unreachable address for ever. Ray is started or joined
+seconds and that the server answers HTTP/2, as Ray's gRPC servers do: Ray itself would
+retry an unreachable address, or one that is not Ray's, for ever. Ray is started or joined
 before the manifest is written, so a failing ``ray.init`` writes nothing either.
 """
 
@@ -811,10 +812,9 @@ def _validate_bindings(spec: SweepSpec, runs: list[RunSpec],
             validate_binding(b)
         except ValueError as e:
             target = b.split("=", 1)[0].strip()
-            kind = "axis parameter" if target in axis_keys else "parameter in binding"
-            msg = _first_line(e)
-            raise SweepError(f"{_where(spec.path)}: unknown {kind} {target!r} ({msg}); fix "
-                             f"the gin parameter name") from None
+            kind = "axis" if target in axis_keys else "binding"
+            raise SweepError(f"{_where(spec.path)}: bad {kind} {target!r}: {_first_line(e)}; "
+                             f"fix its parameter name or value") from None
 
 
 # --------------------------------------------------------------------------- execution
@@ -1104,19 +1104,39 @@ def _ray_host_port(address: str) -> tuple[str, int] | None:
     return match["v6"] or match["host"], int(match["port"])
 
 
+# What an HTTP/2 client sends first: the connection preface and an empty SETTINGS frame.
+# Ray's GCS and client servers speak gRPC, over HTTP/2, and answer with a SETTINGS frame.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + b"\x04" + bytes(5)
+
+
 def _check_ray_reachable(address: str | None) -> None:
     """Refuses (SweepError) a ``HOST:PORT`` or ``ray://HOST:PORT`` ray_address that takes no
-    TCP connection within RAY_CONNECT_TIMEOUT_S seconds (``ray.init`` would retry it for
-    ever); other addresses are left to Ray."""
+    TCP connection within RAY_CONNECT_TIMEOUT_S seconds, or whose server does not answer
+    HTTP/2 as Ray's gRPC servers do (an HTTP/1 server, say): ``ray.init`` would retry
+    either for ever. Other addresses are left to Ray."""
     where = None if address is None else _ray_host_port(address)
     if where is None:
         return
     try:
-        socket.create_connection(where, timeout=RAY_CONNECT_TIMEOUT_S).close()
+        conn = socket.create_connection(where, timeout=RAY_CONNECT_TIMEOUT_S)
     except (OSError, UnicodeError) as e:  # UnicodeError: a host name IDNA refuses
         reason = getattr(e, "strerror", None) or _first_line(e)
         raise SweepError(f"cannot reach the Ray cluster at {address} ({reason}); start it "
                          f"(ray start --head) or fix --ray_address") from None
+    reply = b""
+    with conn:
+        try:
+            conn.sendall(_HTTP2_PREFACE)
+            while len(reply) < 9:  # a frame header
+                chunk = conn.recv(9 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
+        except OSError:  # reset, or no answer within the timeout
+            pass
+    if len(reply) < 9 or reply[3] != 0x04:
+        raise SweepError(f"{address} answers, but not as a Ray cluster (no gRPC reply); pass "
+                         f"the address `ray start --head` prints, e.g. head:6379")
 
 
 def _check_local_options(ray_address: str | None, resources: dict[str, float | None]) -> None:

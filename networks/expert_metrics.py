@@ -20,7 +20,7 @@
 Non-MoE networks get only `moe/features_gram`.
 """
 
-from typing import Dict
+from typing import Dict, Union
 
 import jax
 import jax.numpy as jnp
@@ -43,13 +43,17 @@ def dormant_fraction(hidden, tau: float):
 GRAM_KEY = 'moe/features_gram'
 
 
-def srank_from_gram(gram: np.ndarray, delta: float = 0.01) -> int:
+def srank_from_gram(gram: np.ndarray, delta: float = 0.01) -> Union[int, float]:
   """Smallest k whose top-k singular values of F hold 1 - delta of their sum.
 
   `gram` = F F^T; the singular values of F are the square roots of its
-  eigenvalues. 0 when F is zero (every feature dead), like its rank.
+  eigenvalues. 0 when F is zero (every feature dead), like its rank; NaN
+  when `gram` is not finite (a diverged network), which the log writes as null.
   """
-  eigenvalues = np.linalg.eigvalsh(np.asarray(gram, np.float64))[::-1]
+  gram = np.asarray(gram, np.float64)
+  if not np.all(np.isfinite(gram)):
+    return float('nan')
+  eigenvalues = np.linalg.eigvalsh(gram)[::-1]
   singular = np.sqrt(np.clip(eigenvalues, 0.0, None))
   if not singular.sum() > 0:
     return 0

@@ -23,6 +23,9 @@ def test_srank_from_gram_hand_spectrum():
   assert em.srank_from_gram(features @ features.T) == 3
   assert em.srank_from_gram(features @ features.T, delta=0.1) == 2
   assert em.srank_from_gram(np.zeros((4, 4))) == 0  # all features dead
+  diverged = features @ features.T
+  diverged[0, 1] = np.nan
+  assert np.isnan(em.srank_from_gram(diverged))  # logged as null, not a crash
 
 
 def test_dormant_fraction_hand_case():

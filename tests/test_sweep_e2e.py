@@ -237,7 +237,12 @@ def _files(root):
      "unknown Atari game 'NotAGame'"),
     ('name = "x"\ngin_files = ["dqn.gin"]\nseeds = [-1]\n', [],
      'seeds must be non-negative'),
-], ids=['ungroupable_seeds', 'unknown_game', 'negative_seed'])
+    ('name = "x"\ngin_files = ["dqn.gin"]\nbindings = ["DQNAgent.gamma = float(\'nan\')"]\n',
+     [], "bad binding 'DQNAgent.gamma': a value must be a literal"),
+    ('name = "x"\ngin_files = ["dqn.gin"]\nbindings = ["DQNAgent.gama = 0.9"]\n', [],
+     "bad binding 'DQNAgent.gama'"),
+], ids=['ungroupable_seeds', 'unknown_game', 'negative_seed', 'value_not_a_literal',
+        'unknown_parameter'])
 @pytest.mark.parametrize('dry_run', [[], ['--dry_run']], ids=['run', 'dry_run'])
 def test_bad_sweep_is_refused_on_one_line_without_writing(tmp_path, capsys, text,
                                                           flags, fragment, dry_run):

@@ -4,6 +4,7 @@ Execution tests use a tiny fake trainer script (written into tmp_path) in place 
 ``moerl train``; the real end-to-end CartPole sweep lives with the CLI tests.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import shutil
 import socket
 import sys
 import textwrap
+import threading
 import tomllib
 import types
 
@@ -313,7 +315,7 @@ def test_unknown_axis_parameter_via_validate_binding(gin_dir, fake_trainer, tmp_
         if "num_expertz" in binding:
             raise ValueError("No configurable matching 'SoftMoE.num_expertz'")
 
-    with pytest.raises(SweepError, match="unknown axis parameter 'SoftMoE.num_expertz'"):
+    with pytest.raises(SweepError, match="bad axis 'SoftMoE.num_expertz': No configurable"):
         expand(load_spec(path), validate_binding=validate)
     out = tmp_path / "out"
     with pytest.raises(SweepError):
@@ -711,16 +713,53 @@ def test_malformed_ray_address_is_refused(gin_dir, tmp_path, address):
                   stream=io.StringIO())
 
 
+@contextlib.contextmanager
+def tcp_server(reply):
+    """A local TCP server that answers every connection with `reply` once the client has
+    sent something, then closes it; yields its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                conn.recv(64)
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+
+
+# A gRPC server's first frame (Ray's GCS answered this very header when probed).
+SETTINGS_FRAME = bytes.fromhex("000018040000000000")
+
+
 def test_reachable_ray_address_passes_the_check(gin_dir, tmp_path):
     path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        for address in (f"127.0.0.1:{server.getsockname()[1]}",
-                        f"ray://localhost:{server.getsockname()[1]}"):
+    with tcp_server(SETTINGS_FRAME + bytes(24)) as port:
+        for address in (f"127.0.0.1:{port}", f"ray://localhost:{port}"):
             result = run_sweep(path, tmp_path / "out", dry_run=True, backend="ray",
                                ray_address=address, stream=io.StringIO())
             assert result.dry_run and len(result.runs) == 1
+
+
+@pytest.mark.parametrize("reply", [b"HTTP/1.0 400 Bad request\r\n\r\n", b""])
+def test_a_ray_address_that_is_not_a_ray_server_is_refused(gin_dir, tmp_path, reply):
+    # An HTTP/1 server, and one that closes without a word: ray.init would retry them.
+    path = write(gin_dir / "s.toml", 'name = "x"\ngin_files = ["a.gin"]\n')
+    with tcp_server(reply) as port:
+        with pytest.raises(SweepError, match=rf"^127.0.0.1:{port} answers, but not as a Ray "
+                           r"cluster \(no gRPC reply\)"):
+            run_sweep(path, tmp_path / "out", dry_run=True, backend="ray",
+                      ray_address=f"127.0.0.1:{port}", stream=io.StringIO())
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("address", ["auto", None])
