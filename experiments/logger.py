@@ -26,6 +26,7 @@ resume so TensorBoard discards events of earlier processes at or after that step
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
@@ -160,6 +161,9 @@ class MetricsLogger:
     self.metrics_path = os.path.join(self.base_dir, METRICS_FILE)
     self._drop_torn_tail()
     from tensorboardX import SummaryWriter  # Deferred: only loggers need it.
+    # A NaN scalar (a diverged loss) is written as NaN on purpose; tensorboardX
+    # would also print a warning line for it in the middle of the progress output.
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     # tensorboardX names event files by the second and opens them with "wb": a
     # restart within the same second would overwrite the earlier file. A
     # nanosecond suffix keeps names unique and sorted in creation order, the order

@@ -56,7 +56,7 @@ def test_metrics_round_trip_and_tensorboard(tmp_path):
   assert "eval_episode_return_mean" not in tags and "iteration" not in tags
 
 
-def test_numpy_jax_and_non_finite_values(tmp_path):
+def test_numpy_jax_and_non_finite_values(tmp_path, caplog):
   with MetricsLogger(str(tmp_path)) as logger:
     logger.write({
         "iteration": np.int64(7),
@@ -81,6 +81,7 @@ def test_numpy_jax_and_non_finite_values(tmp_path):
   assert _scalars(tmp_path, "jax_float") == [(7, 2.0)]
   assert _scalars(tmp_path, "jax_int") == [(7, 3.0)]
   assert math.isnan(_scalars(tmp_path, "nan")[0][1])
+  assert not [r for r in caplog.records if "NaN" in r.getMessage()]  # no stray line
   acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
   acc.Reload()
   for skipped in ("vector", "nested", "note", "flag"):
