@@ -43,6 +43,7 @@ CHECKPOINT_DIR = "checkpoints"
 SWEEP_LOG = "sweep.log"
 _RUN_MARKERS = (CONFIG_FILE, STATUS_FILE, METRICS_FILE)
 _SEED_DIR = re.compile(r"seed\d+")
+STATES = ("running", "done", "failed")
 
 
 def holds_run(path: str) -> bool:
@@ -68,7 +69,7 @@ def group_hint(path: str) -> str:
     return ""
   return (f" It holds a --num_seeds group ({', '.join(seeds)}): pass --num_seeds to "
           f"train the group, or one seed's directory ({os.path.join(path, seeds[0])}).")
-STATES = ("running", "done", "failed")
+
 
 # The process umask, read once (reading it means setting it): new files get the
 # mode open() would give them, not mkstemp's private 0600.
