@@ -222,7 +222,7 @@ class Runner:
         num_envs=n, seed=seed, max_steps_per_episode=max_steps_per_episode)
     self.env = self._make_env(num_envs)
     self._eval_env = None
-    self._run_dir = None  # RunDir, once open_run has accepted base_dir
+    self._run_dir = None  # RunDir, once lock_run_dir (or open_run) holds base_dir
     self.is_atari = isinstance(self.env, environments.AtariEnv)
     self.agent = agent(
         num_actions if num_actions is not None else self.env.num_actions,
