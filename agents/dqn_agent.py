@@ -91,16 +91,16 @@ def create_optimizer(name: str = 'adam', learning_rate: float = 6.25e-5,
                      beta1: float = 0.9, beta2: float = 0.999,
                      eps: float = 1.5e-4, centered: bool = False):
   """Dopamine's optimiser factory (same gin names)."""
-  for key, value, low, high in (('learning_rate', learning_rate, 0.0, None),
-                                ('eps', eps, 0.0, None), ('beta1', beta1, 0.0, 1.0),
-                                ('beta2', beta2, 0.0, 1.0)):
+  betas = (('beta1', beta1), ('beta2', beta2))
+  for key, value in (('learning_rate', learning_rate), ('eps', eps), *betas):
     if not is_number(value) or not np.isfinite(value):
       raise ValueError(f'create_optimizer.{key}={value!r} must be a finite number.')
-    if not (value > low if key == 'learning_rate' else value >= low) or (
-        high is not None and not value < high):
-      bounds = ('> 0' if key == 'learning_rate' else '>= 0' if high is None
-                else 'in [0, 1)')
-      raise ValueError(f'create_optimizer.{key}={value!r} must be {bounds}.')
+  if not learning_rate > 0 or not eps >= 0:
+    raise ValueError(f'create_optimizer: learning_rate={learning_rate!r} must '
+                     f'be > 0 and eps={eps!r} >= 0.')
+  for key, value in betas:
+    if not 0 <= value < 1:
+      raise ValueError(f'create_optimizer.{key}={value!r} must be in [0, 1).')
   if name == 'adam':
     return optax.adam(learning_rate, b1=beta1, b2=beta2, eps=eps)
   if name == 'rmsprop':
