@@ -40,7 +40,7 @@ import flax.serialization
 import jax
 import numpy as np
 
-from experiments.run_dir import (RunDirError, atomic_write_bytes,
+from experiments.run_dir import (RunDirError, atomic_write_bytes, finished_checkpoints,
                                  atomic_write_json, fsync_dir)
 
 FORMAT_VERSION = 1
@@ -48,7 +48,6 @@ META_FILE = "meta.json"
 VALUES_FILE = "values.json"
 PYTREE_DIR = "pytrees"
 OBJECT_DIR = "objects"
-_FINISHED_RE = re.compile(r"^ckpt_(\d+)(\.old)?$")
 _STALE_RE = re.compile(r"^ckpt_(\d+)\.(tmp|old)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -137,25 +136,8 @@ class Checkpointer:
     return os.path.join(self.checkpoint_dir, f"ckpt_{int(iteration)}")
 
   def _finished(self) -> dict[int, str]:
-    """Paths of the finished checkpoints by iteration.
-
-    ``ckpt_<i>/``, or ``ckpt_<i>.old/`` where a save killed while replacing
-    ``ckpt_<i>`` left only that one. Reads the directory listing only.
-    """
-    try:
-      names = os.listdir(self.checkpoint_dir)
-    except FileNotFoundError:
-      return {}
-    found = {}
-    for name in names:
-      match = _FINISHED_RE.match(name)
-      full = os.path.join(self.checkpoint_dir, name)
-      if not match or not os.path.isdir(full):
-        continue
-      iteration, is_old = int(match.group(1)), bool(match.group(2))
-      if not is_old or iteration not in found:
-        found[iteration] = full
-    return found
+    """Paths of the finished checkpoints by iteration (``finished_checkpoints``)."""
+    return finished_checkpoints(self.checkpoint_dir)
 
   def iterations(self) -> list[int]:
     """Iterations of the finished checkpoints on disk, ascending."""

@@ -46,6 +46,31 @@ _SEED_DIR = re.compile(r"seed\d+")
 STATES = ("running", "done", "failed")
 
 
+_FINISHED_CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)(\.old)?$")
+
+
+def finished_checkpoints(checkpoint_dir: str) -> dict[int, str]:
+  """Paths of the finished checkpoints in ``checkpoint_dir`` by iteration
+  (``experiments.checkpoints`` writes them): ``ckpt_<i>/``, or ``ckpt_<i>.old/``
+  where a save killed while replacing ``ckpt_<i>`` left only that one. Reads the
+  directory listing only (no JAX), so a sweep can count a run's iterations;
+  FileNotFoundError is {}."""
+  try:
+    names = os.listdir(checkpoint_dir)
+  except FileNotFoundError:
+    return {}
+  found = {}
+  for name in names:
+    match = _FINISHED_CHECKPOINT_RE.match(name)
+    full = os.path.join(checkpoint_dir, name)
+    if not match or not os.path.isdir(full):
+      continue
+    iteration, is_old = int(match.group(1)), bool(match.group(2))
+    if not is_old or iteration not in found:
+      found[iteration] = full
+  return found
+
+
 def holds_run(path: str) -> bool:
   """Whether directory ``path`` holds a moerl run (any of its marker files)."""
   return any(os.path.exists(os.path.join(path, m)) for m in _RUN_MARKERS)

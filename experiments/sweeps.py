@@ -121,7 +121,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 from experiments.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, NUM_ITERATIONS_RE, SWEEP_LOG,
-                                 RunDirError, atomic_write_json)
+                                 RunDirError, atomic_write_json, finished_checkpoints)
 from experiments.run_dir import read_status as read_run_status
 from networks.checks import is_int
 
@@ -1021,22 +1021,17 @@ def _check_out_dir(spec: SweepSpec, runs: list[RunSpec],
     return old.get("created"), resized
 
 
-_CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)(\.old)?$")  # experiments.checkpoints' finished ones
-
-
 def _finished_iterations(run_dir: Path) -> int:
     """The iterations a run holds, as ``moerl train`` counts them when it resumes: its newest
-    finished checkpoint's + 1 (``Checkpointer.latest_iteration``, read here from the
-    listing, so that JAX stays out of this process), or 0 without a ``config.gin`` (such a
+    finished checkpoint's + 1 (``run_dir.finished_checkpoints``, which the Checkpointer
+    reads too, from the listing alone, so that JAX stays out of this process), or 0 without a ``config.gin`` (such a
     run is not resumed) or without checkpoints."""
     if not (run_dir / CONFIG_FILE).is_file():
         return 0
     try:
-        names = os.listdir(run_dir / CHECKPOINT_DIR)
+        found = finished_checkpoints(str(run_dir / CHECKPOINT_DIR))
     except OSError:
         return 0
-    found = [int(m.group(1)) for m in map(_CHECKPOINT_RE.match, names)
-             if m and (run_dir / CHECKPOINT_DIR / m.group(0)).is_dir()]
     return max(found, default=-1) + 1
 
 
