@@ -213,13 +213,13 @@ class SeedGroup:
   # -- The experiment. -----------------------------------------------------------
   def run_experiment(self, operative_configs: Sequence[str]) -> None:
     """Runs (or resumes) all seeds; they resume from a common iteration."""
-    # A group killed between two seeds' checkpoints has seeds one iteration
-    # ahead: every seed resumes from the newest checkpoint they all have (or
-    # starts afresh); an ahead seed's newer line and checkpoint are replaced.
     # Every seed's directory is held before any seed's is read or written, so
     # a group refused for one seed (another process trains in it) writes none.
     for runner in self.runners:
       runner.lock_run_dir()
+    # A group killed between two seeds' checkpoints has seeds one iteration
+    # ahead: every seed resumes from the newest checkpoint they all have (or
+    # starts afresh); an ahead seed's newer line and checkpoint are replaced.
     starts = [runner.open_run(config, restore=False)
               for runner, config in zip(self.runners, operative_configs)]
     iteration = min(starts)
